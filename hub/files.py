@@ -1,0 +1,187 @@
+"""File helpers every stage shares: hashing, safe weight formats, atomic publication of outputs.
+
+`atomic_dir` and `atomic_file` are how loradock makes outputs appear "under their final name only
+when complete": work happens in a hidden sibling, then one `rename` publishes it. A process killed
+at any moment leaves either nothing or a hidden ``.tmp-*`` sibling that no reader looks at.
+
+This module reads and writes files; it knows nothing about adapters, bases or the index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from hub.errors import InvalidInput, UnsafeWeights
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+TMP_PREFIX = ".tmp-"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_tree(folder: Path) -> dict[str, str]:
+    """Return ``{relative posix path: sha256}`` for every regular file under ``folder``.
+
+    Symlinks are refused so that a folder cannot smuggle files from elsewhere into the store.
+
+    Raises:
+        InvalidInput: If the folder contains a symlink.
+    """
+    folder = Path(folder)
+    hashes: dict[str, str] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            raise InvalidInput(
+                f"Refusing symlink {path}",
+                fix="Copy the real file into the folder instead of linking it.",
+            )
+        if path.is_file():
+            hashes[path.relative_to(folder).as_posix()] = sha256_file(path)
+    return hashes
+
+
+def fingerprint(files: dict[str, str]) -> str:
+    """Combine per-file hashes into one sha256 (order-independent, names included)."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{files[name]}\n".encode())
+    return digest.hexdigest()
+
+
+def refuse_pickle(folder: Path) -> None:
+    """Raise if ``folder`` holds weights in a pickle-based format.
+
+    Raises:
+        UnsafeWeights: Naming the first offending file.
+    """
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+            raise UnsafeWeights(
+                f"Refusing pickle weights {path.name!r} in {folder}: pickle can run code on load",
+                fix="Save the adapter as safetensors (PEFT: save_pretrained(..., "
+                "safe_serialization=True)) and remove the pickle file.",
+            )
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """Read a safetensors file's header without loading tensors.
+
+    Returns:
+        ``{tensor name: {"dtype": str, "shape": [int, ...]}}`` (the ``__metadata__`` entry dropped).
+
+    Raises:
+        InvalidInput: If the file is not a valid safetensors file.
+    """
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100 * _CHUNK:
+                raise ValueError(f"header of {length} bytes")
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise InvalidInput(
+            f"{path} is not a valid safetensors file ({exc})",
+            fix="Re-save the weights with safetensors.",
+        ) from exc
+    header.pop("__metadata__", None)
+    return {name: {"dtype": v["dtype"], "shape": list(v["shape"])} for name, v in header.items()}
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary folder that is renamed to ``final`` when the block succeeds.
+
+    On an exception the temporary folder is removed and ``final`` is untouched.
+
+    Args:
+        final: The folder to publish.
+        overwrite: Replace an existing ``final`` (the old one is removed after the rename).
+
+    Raises:
+        InvalidInput: If ``final`` exists and ``overwrite`` is False.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise InvalidInput(
+            f"Output {final} already exists", fix="Choose another --out or remove it first."
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            old = final.parent / f"{TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a hidden temporary path in the same folder, renamed to ``final`` on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Delete hidden ``.tmp-*`` leftovers of killed writers directly under ``folder``."""
+    removed = []
+    if Path(folder).is_dir():
+        for path in Path(folder).iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
