@@ -44,16 +44,26 @@ def hash_tree(folder: Path) -> dict[str, str]:
         InvalidInput: If the folder contains a symlink.
     """
     folder = Path(folder)
+    refuse_symlinks(folder)
     hashes: dict[str, str] = {}
     for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            hashes[path.relative_to(folder).as_posix()] = sha256_file(path)
+    return hashes
+
+
+def refuse_symlinks(folder: Path) -> None:
+    """Raise if ``folder`` contains a symlink (it could smuggle files from elsewhere).
+
+    Raises:
+        InvalidInput: Naming the first symlink.
+    """
+    for path in sorted(Path(folder).rglob("*")):
         if path.is_symlink():
             raise InvalidInput(
                 f"Refusing symlink {path}",
                 fix="Copy the real file into the folder instead of linking it.",
             )
-        if path.is_file():
-            hashes[path.relative_to(folder).as_posix()] = sha256_file(path)
-    return hashes
 
 
 def fingerprint(files: dict[str, str]) -> str:

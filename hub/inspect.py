@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hub.bases import BaseInfo
-from hub.errors import Incompatible, NotAnAdapter
+from hub.errors import Incompatible, LoradockError, NotAnAdapter
 from hub.files import refuse_pickle, safetensors_header
 from hub.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterManifest, Capabilities
 
@@ -88,14 +88,34 @@ def _check_base_reference(folder: Path, config: dict[str, Any], base: BaseInfo) 
             param="base",
         )
     reference = config.get("base_model_name_or_path")
-    if reference and not base.matches(reference):
-        raise Incompatible(
-            f"Adapter {folder.name!r} names base_model_name_or_path={reference!r}, "
-            f"which is not the base {base.name!r} ({base.hf_id or base.path})",
-            fix=f"Pass the right --base, or add its base with `loradock hub add-base NAME PATH`"
-            f" (or set base_model_name_or_path to {base.name!r} if it really was trained on it).",
-            param="base",
-        )
+    if not reference or base.matches(reference) or _same_local_base(reference, base):
+        return
+    if not _is_existing_folder(reference) and reference.startswith(("/", ".", "~")):
+        return  # a dead local path (LESSONS #5): the shape check below decides
+    raise Incompatible(
+        f"Adapter {folder.name!r} names base_model_name_or_path={reference!r}, "
+        f"which is not the base {base.name!r} ({base.hf_id or base.path})",
+        fix=f"Pass the right --base, or add its base with `loradock hub add-base NAME PATH`"
+        f" (or set base_model_name_or_path to {base.name!r} if it really was trained on it).",
+        param="base",
+    )
+
+
+def _is_existing_folder(reference: str) -> bool:
+    return (Path(reference).expanduser() / "config.json").is_file()
+
+
+def _same_local_base(reference: str, base: BaseInfo) -> bool:
+    """True if ``reference`` is a local copy of ``base`` (same fingerprint, other path)."""
+    if not _is_existing_folder(reference):
+        return False
+    from hub.bases import describe_base
+
+    try:
+        local = describe_base(base.name, Path(reference).expanduser())
+        return local.fingerprint == base.fingerprint
+    except LoradockError:
+        return False
 
 
 def _capabilities(

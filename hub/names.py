@@ -33,7 +33,7 @@ def validate_name(name: str, what: str = "adapter name") -> str:
         The name, unchanged.
 
     Raises:
-        InvalidName: If the name does not match ``[a-z0-9][a-z0-9._-]{0,63}`` or is ``.``/``..``-like.
+        InvalidName: If the name does not match ``[a-z0-9][a-z0-9._-]{0,63}`` or holds ``..``.
     """
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         shown = name if isinstance(name, str) and len(name) <= 80 else repr(name)[:80]

@@ -42,7 +42,7 @@ from hub.bases import (
     embedded_gguf_path,
 )
 from hub.errors import Conflict, InvalidInput, NotFound, StoreCorrupt
-from hub.files import TMP_PREFIX, fingerprint, hash_tree, sha256_file
+from hub.files import TMP_PREFIX, fingerprint, hash_tree, refuse_symlinks, sha256_file
 from hub.inspect import inspect_adapter
 from hub.manifest import ADAPTER_CONFIG_FILE, AdapterManifest, Capabilities
 from hub.names import ModelRef, validate_name
@@ -64,6 +64,10 @@ CREATE TABLE IF NOT EXISTS adapters (
     source TEXT NOT NULL,
     created_at TEXT NOT NULL,
     PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS last_versions (
+    name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
 );
 """
 _SKIP_ON_COPY = ("checkpoint-", ".")
@@ -297,6 +301,7 @@ class Store:
         src = Path(src)
         base_info = self.base(base)
         capabilities = inspect_adapter(src, base_info)
+        refuse_symlinks(src)
         manifest = AdapterManifest.read(src)
         if parent is None and manifest is not None:
             parent = manifest.parent
@@ -308,10 +313,18 @@ class Store:
             files = hash_tree(tmp)
             _make_read_only(tmp)
             with self._write() as db:
+                # Version numbers are never reused, even after `remove`: NAME@V is immutable.
                 row = db.execute(
-                    "SELECT COALESCE(MAX(version), 0) AS v FROM adapters WHERE name=?", (name,)
+                    "SELECT MAX(COALESCE((SELECT MAX(version) FROM adapters WHERE name=?), 0),"
+                    " COALESCE((SELECT version FROM last_versions WHERE name=?), 0)) AS v",
+                    (name, name),
                 ).fetchone()
                 version = int(row["v"]) + 1
+                db.execute(
+                    "INSERT INTO last_versions (name, version) VALUES (?, ?) ON CONFLICT(name)"
+                    " DO UPDATE SET version=excluded.version",
+                    (name, version),
+                )
                 final = self.adapters_dir / name / f"v{version}"
                 if final.exists():  # unindexed leftover of a writer killed after its rename
                     _rmtree(final)
@@ -551,7 +564,7 @@ def _rmtree(folder: Path) -> None:
         for path in [folder, *folder.rglob("*")]:
             if path.is_dir() and not path.is_symlink():
                 path.chmod(stat.S_IRWXU)
-        shutil.rmtree(folder, onexc=_onerror)
+        shutil.rmtree(folder, onerror=_onerror)
 
 
 __all__ = [

@@ -1,0 +1,67 @@
+"""The ``loradock`` command: composes each stage's sub-commands and translates domain errors.
+
+Each stage keeps its commands in its own module (``loradock/cli_<stage>.py``) as a plain
+``typer.Typer`` whose functions are thin: parse options, call the library, print. Nothing heavy
+is imported at module level, so ``loradock --help`` is fast.
+
+Errors: library code raises `hub.errors.LoradockError`; `main` prints its one line to stderr and
+exits with its ``exit_code``. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from hub.errors import LoradockError
+from loradock import cli_card, cli_data, cli_eval, cli_export, cli_hub, cli_serve, cli_train
+
+# Two busy cores: torch threads spin-waiting made work 3-10x slower here (see README).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+app = typer.Typer(
+    name="loradock",
+    help="From a dataset to many QLoRA adapters served from one quantised base model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(cli_hub.app, name="hub")
+app.add_typer(cli_data.app, name="data")
+app.add_typer(cli_export.app, name="export")
+app.command("train")(cli_train.train)
+app.command("eval")(cli_eval.evaluate)
+app.command("card")(cli_card.card)
+app.command("serve")(cli_serve.serve)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; domain errors become one line on stderr and a non-zero exit code."""
+    try:
+        # In non-standalone mode click returns typer.Exit's code instead of raising it.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except LoradockError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("error: aborted.", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
