@@ -1,0 +1,1 @@
+"""Training: dataset checks, QLoRA SFT/DPO and evaluation (see docs/architecture.md)."""
