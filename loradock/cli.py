@@ -40,27 +40,16 @@ app.command("serve")(cli_serve.serve)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; domain errors become one line on stderr and a non-zero exit code."""
+    """Run the CLI; domain errors become one line on stderr and a non-zero exit code.
+
+    Typer runs in standalone mode, so usage errors print click's message and exit 2 and
+    ``typer.Exit(code)`` exits with its code; only our domain errors are translated here.
+    """
     try:
-        # In non-standalone mode click returns typer.Exit's code instead of raising it.
-        code = app(args=argv, standalone_mode=False)
-        if isinstance(code, int) and code:
-            sys.exit(code)
+        app(args=argv)
     except LoradockError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("error: aborted.", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 if __name__ == "__main__":

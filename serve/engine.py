@@ -141,7 +141,7 @@ class Engine(Protocol):
         """Make ``adapter`` resident now; return the seconds it took (0 if already resident)."""
 
     async def unload_adapter(self, key: str) -> bool:
-        """Evict adapter ``NAME@V``; False if it was not resident. Pinned adapters raise Conflict."""
+        """Evict adapter ``NAME@V``; False if it was not resident. Pinned ones raise Conflict."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         """Stream the tokens of one request. Closing the iterator aborts the request."""

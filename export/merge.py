@@ -1,0 +1,208 @@
+"""Merging an adapter into its base in fp32 (never into 4-bit weights), and measuring the drift.
+
+QLoRA adapters are trained on a 4-bit (NF4) base, but merging into 4-bit weights rounds the update
+away (PEFT warns; lesson 6). So the base is loaded unquantised in fp32, the adapter applied with
+``PeftModel.from_pretrained`` and folded in with ``merge_and_unload``; the result is cast to the
+requested storage dtype afterwards. Because the adapter never saw 16/32-bit base weights,
+`measure_drift` reports how far the merged model is from the adapter on its quantised training base
+(top-1 agreement and mean |Δlogit| on the parity prompts).
+
+Where the job ends: models in memory and numbers. Writing folders or GGUF files is
+`export.pipeline`'s and `export.gguf_writer`'s job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from export.config import MergeDtype
+from hub.manifest import CHAT_TEMPLATE_FILE, AdapterManifest
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass
+class DriftReport:
+    """How far the merged model is from the adapter on its quantised training base.
+
+    Attributes:
+        reference: What the merged model was compared with (e.g. ``adapter on nf4 base``).
+        top1_agreement: Share of positions where both pick the same next token.
+        mean_abs_dlogit: Mean |logit difference| over all positions and vocabulary.
+        max_abs_dlogit: Largest |logit difference|.
+        positions: Positions compared.
+        note: Why the measurement was skipped or what was assumed.
+    """
+
+    reference: str
+    top1_agreement: float | None = None
+    mean_abs_dlogit: float | None = None
+    max_abs_dlogit: float | None = None
+    positions: int = 0
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict."""
+        return asdict(self)
+
+
+@dataclass
+class LoadedAdapter:
+    """A base model with an adapter applied (unmerged) and the pieces around it."""
+
+    model: Any
+    tokenizer: Any
+    chat_template: str
+    base_path: Path
+    adapter_path: Path
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+
+def chat_template_for(adapter_path: Path, base_path: Path, tokenizer: Any = None) -> str:
+    """The template used in training: the adapter's own file first, then the base's."""
+    for folder in (Path(adapter_path), Path(base_path)):
+        path = folder / CHAT_TEMPLATE_FILE
+        if path.is_file():
+            return path.read_text()
+    if tokenizer is not None and isinstance(getattr(tokenizer, "chat_template", None), str):
+        return tokenizer.chat_template
+    from hub.errors import Unsupported
+
+    raise Unsupported(
+        f"Neither {adapter_path} nor {base_path} has a chat template",
+        fix="Add chat_template.jinja to the adapter folder (train writes it).",
+    )
+
+
+def load_adapter(base_path: Path, adapter_path: Path, *, quantised: dict | None = None) -> Any:
+    """Load the base (fp32, or 4-bit when ``quantised`` is given) with the adapter applied.
+
+    Args:
+        base_path: HF base folder.
+        adapter_path: PEFT adapter folder.
+        quantised: bitsandbytes settings ``{"quant_type", "double_quant"}`` for a 4-bit base.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if quantised is not None:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantised.get("quant_type", "nf4"),
+            bnb_4bit_use_double_quant=bool(quantised.get("double_quant", False)),
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        kwargs["device_map"] = "cpu"
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
+    model = PeftModel.from_pretrained(base, str(adapter_path), is_trainable=False)
+    model.eval()
+    return model
+
+
+def load_for_export(base_path: Path, adapter_path: Path) -> LoadedAdapter:
+    """Load the fp32 base with the adapter applied (unmerged), its tokenizer and template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+    manifest = AdapterManifest.read(adapter_path)
+    return LoadedAdapter(
+        model=load_adapter(base_path, adapter_path),
+        tokenizer=tokenizer,
+        chat_template=chat_template_for(adapter_path, base_path, tokenizer),
+        base_path=Path(base_path),
+        adapter_path=Path(adapter_path),
+        quantization=dict(manifest.quantization) if manifest else {},
+    )
+
+
+def merge(loaded: LoadedAdapter) -> Any:
+    """Fold the adapter into the fp32 base weights; returns the plain transformers model."""
+    import torch
+
+    with torch.no_grad():
+        return loaded.model.merge_and_unload(progressbar=False, safe_merge=True)
+
+
+def cast_like_storage(model: Any, dtype: MergeDtype) -> Any:
+    """Round the weights to ``dtype`` and back to fp32 (CPU computes in fp32; lesson: no bf16).
+
+    Returns the same model; used to measure what a 16-bit save loses before saving it.
+    """
+    import torch
+
+    if dtype == "fp32":
+        return model
+    target = getattr(torch, TORCH_DTYPES[dtype])
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(target).to(torch.float32))
+    return model
+
+
+def training_quantization(loaded: LoadedAdapter) -> tuple[dict[str, Any] | None, str]:
+    """The 4-bit settings the adapter was trained with, and a note on where they came from."""
+    quant = loaded.quantization
+    if quant:
+        if not quant.get("load_in_4bit", True):
+            return None, "the manifest says the adapter was trained on an unquantised base"
+        return {"quant_type": quant.get("quant_type", "nf4"),
+                "double_quant": quant.get("double_quant", False)}, "from the manifest"
+    return {"quant_type": "nf4", "double_quant": False}, (
+        "no manifest: assumed loradock's QLoRA default (nf4)"
+    )
+
+
+def measure_drift(loaded: LoadedAdapter, merged_logits: list[Any], sequences: list[list[int]],
+                  starts: list[int]) -> DriftReport:
+    """Compare the merged model's logits with the adapter on its quantised training base.
+
+    Args:
+        loaded: What `load_for_export` returned (paths, manifest quantisation).
+        merged_logits: Per sequence, the merged model's logits at positions ``starts[i]-1...``.
+        sequences: Token ids (prompt + generated) per prompt.
+        starts: Prompt lengths (where the compared positions begin).
+    """
+    from export.parity import compare_logits, forward_logits
+
+    settings, note = training_quantization(loaded)
+    if settings is None:
+        return DriftReport(reference="adapter on the unquantised base", note=note)
+    label = f"adapter on {settings['quant_type']} 4-bit base"
+    try:
+        quantised = load_adapter(loaded.base_path, loaded.adapter_path, quantised=settings)
+    except (ImportError, RuntimeError, ValueError) as exc:  # bitsandbytes missing or unusable
+        return DriftReport(reference=label, note=f"skipped: cannot load a 4-bit base ({exc})")
+    other = forward_logits(quantised, sequences, starts)
+    del quantised
+    agreement, mean_abs, max_abs, positions = compare_logits(merged_logits, other)
+    return DriftReport(
+        reference=label,
+        top1_agreement=agreement,
+        mean_abs_dlogit=mean_abs,
+        max_abs_dlogit=max_abs,
+        positions=positions,
+        note=note,
+    )
+
+
+def save_merged(model: Any, loaded: LoadedAdapter, out: Path, dtype: MergeDtype) -> None:
+    """Save the merged model (safetensors), tokenizer and chat template into ``out``."""
+    import torch
+
+    model = model.to(getattr(torch, TORCH_DTYPES[dtype]))
+    model.config._name_or_path = ""
+    model.save_pretrained(str(out), safe_serialization=True)
+    loaded.tokenizer.save_pretrained(str(out))
+    (Path(out) / CHAT_TEMPLATE_FILE).write_text(loaded.chat_template)
+    config_path = Path(out) / "tokenizer_config.json"
+    if config_path.is_file():  # keep the template the adapter was trained with, byte for byte
+        config = json.loads(config_path.read_text())
+        config.pop("chat_template", None)
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
