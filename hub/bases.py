@@ -138,6 +138,8 @@ def convert_embedded(out: Path) -> Path:
         model.config._name_or_path = EMBEDDED_HF_ID
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for path in tmp.iterdir():  # safetensors writes 0600; servers may run as another user
+            path.chmod(0o644)
         if not tokenizer.chat_template:
             raise Unsupported(
                 f"The embedded GGUF {gguf.name} has no chat template",
