@@ -1,0 +1,202 @@
+"""The models under evaluation and batched greedy generation from them.
+
+One base model is loaded (transformers, from the base's HF folder) and the adapter is attached
+with PEFT (`PeftModel.from_pretrained`, safetensors only). "base" and "few-shot" run with the
+adapter disabled (`disable_adapter()`), "adapter" with it enabled, so the three systems share one
+copy of the weights. Prompts use the adapter's ``chat_template.jinja`` when the folder has one
+(the template it was trained with), else the base tokenizer's.
+
+Where the job ends: this module loads, builds prompts and generates text. Scoring tokens is
+`train.eval.scoring`; metrics are `train.eval.metrics`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from hub.bases import BaseInfo
+from hub.errors import InvalidInput, NotAnAdapter
+from hub.files import refuse_pickle
+from hub.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CHAT_TEMPLATE_FILE
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+System = Literal["base", "few_shot", "adapter"]
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Loaded:
+    """A base model with the adapter attached, and its tokenizer.
+
+    Attributes:
+        model: `peft.PeftModel` on ``device``.
+        tokenizer: The base tokenizer with the chosen chat template set.
+        template_source: ``adapter`` (the folder's chat_template.jinja) or ``base``.
+        dtype: The torch dtype name the base was loaded in.
+        device: Torch device string.
+    """
+
+    model: Any
+    tokenizer: Any
+    template_source: str
+    dtype: str
+    device: str
+
+    @contextlib.contextmanager
+    def system(self, name: System) -> Iterator[Any]:
+        """Yield the model as system ``name``: the adapter enabled only for ``adapter``."""
+        if name == "adapter":
+            yield self.model
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+
+def resolve_dtype(dtype: Dtype, device: str) -> str:
+    """``auto`` means float32 on CPU (no fast bf16 here) and bfloat16 on CUDA."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def load(
+    adapter_dir: Path, base: BaseInfo, *, device: str = "cpu", dtype: Dtype = "auto"
+) -> Loaded:
+    """Load ``base`` unquantised with transformers and attach the adapter in ``adapter_dir``.
+
+    Raises:
+        NotAnAdapter: If the folder lacks the PEFT config or safetensors weights.
+        UnsafeWeights: If it holds pickle weights.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir = Path(adapter_dir)
+    for needed in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+        if not (adapter_dir / needed).is_file():
+            raise NotAnAdapter(
+                f"{adapter_dir} has no {needed}",
+                fix="Pass a PEFT LoRA folder saved with save_pretrained(safe_serialization=True).",
+            )
+    refuse_pickle(adapter_dir)
+    dtype_name = resolve_dtype(dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    template_file = adapter_dir / CHAT_TEMPLATE_FILE
+    template_source = "base"
+    if template_file.is_file():
+        tokenizer.chat_template = template_file.read_text()
+        template_source = "adapter"
+    if not tokenizer.chat_template:
+        raise InvalidInput(
+            f"Neither {template_file} nor the base {base.name!r} has a chat template",
+            fix=f"Save the training chat template as {CHAT_TEMPLATE_FILE} in the adapter folder.",
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        base.path, dtype=getattr(torch, dtype_name), trust_remote_code=False
+    )
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    model.to(device)
+    model.eval()
+    return Loaded(model, tokenizer, template_source, dtype_name, device)
+
+
+def split_conversation(messages: Messages) -> tuple[Messages, str]:
+    """Split an SFT conversation into the prompt and the reference answer (its last assistant turn).
+
+    Raises:
+        InvalidInput: If the conversation has no assistant message.
+    """
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "assistant":
+            return messages[:i], messages[i].get("content", "")
+    raise InvalidInput(
+        "A test conversation has no assistant message",
+        fix="Prepare the data with `loradock data prepare`.",
+    )
+
+
+def pick_shots(train_rows: Sequence[dict[str, Any]], k: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Choose ``k`` SFT rows from train deterministically (seeded sample, kept in file order)."""
+    candidates = [row for row in train_rows if "messages" in row]
+    if k <= 0 or not candidates:
+        return []
+    chosen = sorted(random.Random(seed).sample(range(len(candidates)), min(k, len(candidates))))
+    return [candidates[i] for i in chosen]
+
+
+def with_shots(shots: Sequence[dict[str, Any]], messages: Messages) -> tuple[Messages, int]:
+    """Put the shots' turns (system messages dropped) before ``messages``.
+
+    The test conversation's own system message, if any, stays first.
+
+    Returns:
+        ``(messages, first)``: the few-shot conversation and the index where the test
+        conversation's own turns begin (scoring starts there).
+    """
+    system = [m for m in messages[:1] if m.get("role") == "system"]
+    rest = messages[len(system) :]
+    shot_turns = [m for shot in shots for m in shot["messages"] if m.get("role") != "system"]
+    combined = [*system, *shot_turns, *rest]
+    return combined, len(system) + len(shot_turns)
+
+
+def greedy_generate(
+    loaded: Loaded,
+    system: System,
+    prompts: Sequence[Messages],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy completions of chat prompts, batched with left padding, stopped at end of turn.
+
+    Prompts are sorted by length so each batch pads little; outputs come back in input order,
+    decoded without special tokens and stripped. Decoding reads every weight once per step
+    whatever the batch, so large batches pay: on 2 CPU cores 24 prompts took 21.8 s in one
+    batch of 24 and 54.6 s in batches of 8 (16 new tokens).
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    tokenizer = loaded.tokenizer
+    texts = [
+        tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    outputs: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    pad = tokenizer.pad_token_id
+    with loaded.system(system) as model, torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, index in enumerate(batch):
+                seq = encoded[index]
+                ids[row, width - len(seq) :] = torch.tensor(seq)
+                attention[row, width - len(seq) :] = 1
+            generated = model.generate(
+                input_ids=ids.to(loaded.device),
+                attention_mask=attention.to(loaded.device),
+                generation_config=config,
+            )
+            for row, index in enumerate(batch):
+                new = generated[row, width:]
+                outputs[index] = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return outputs

@@ -1,0 +1,444 @@
+"""`run_eval`: base vs few-shot base vs adapter on the test split, plus the forgetting check.
+
+Input is a prepared data folder (``loradock data prepare``) holding ``test.jsonl`` and, for the
+few-shot baseline, ``train.jsonl``, in canonical rows:
+
+- SFT: ``{"messages": [{"role", "content"}, ...], "line": int}``; the last assistant turn is the
+  reference, the turns before it the prompt.
+- Preference: ``{"prompt": [...], "chosen": [...], "rejected": [...], "line": int}``; scored by
+  log-likelihood (no generation): preference accuracy = share of rows where the model gives the
+  chosen response a higher summed log-likelihood than the rejected one; reward accuracy = share
+  where the adapter raises the chosen response's log-likelihood (relative to the base) more than
+  the rejected one's, DPO's implicit reward. There is no few-shot baseline for preference data.
+
+Where the job ends: this module orchestrates and assembles ``eval.json``; the pieces live in
+`generate` (models, prompts), `scoring` (token NLL), `metrics`, `forgetting` and `report`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hub.bases import BaseInfo
+from hub.errors import InvalidInput, NotFound
+from hub.manifest import AdapterManifest
+from train.eval import metrics
+from train.eval.forgetting import forgetting_check
+from train.eval.generate import (
+    Dtype,
+    Loaded,
+    greedy_generate,
+    load,
+    pick_shots,
+    split_conversation,
+    with_shots,
+)
+from train.eval.report import verdict, write_outputs
+from train.eval.scoring import encode_conversation, nll_sums
+
+EVAL_SCHEMA = 1
+WORST_EXAMPLES = 3
+METRIC_DEFINITIONS = {
+    "perplexity": "exp(summed NLL / scored tokens) over all test rows together; scored tokens are "
+    "the assistant turns' content and end-of-turn token, located with the chat template (few-shot: "
+    "the test conversation's turns only, with the examples as context)",
+    "exact_match": "prediction equals the reference after collapsing whitespace; JSON references "
+    "must parse to an equal value",
+    "rouge_l": "F1 of the longest common subsequence of lower-cased alphanumeric words",
+    "json_validity": "share of predictions that are one JSON object/array, over rows whose "
+    "reference is JSON (n/a when none is)",
+    "preference_accuracy": "share of rows where summed log p(chosen) > log p(rejected)",
+    "reward_accuracy": "share of rows where the adapter's gain over the base in log p(chosen) "
+    "exceeds its gain in log p(rejected) (DPO's implicit reward)",
+}
+
+
+@dataclass
+class EvalResult:
+    """What `run_eval` produced.
+
+    Attributes:
+        doc: The ``eval.json`` document.
+        json_path: Where ``eval.json`` was written.
+        report_path: Where ``eval_report.md`` was written.
+    """
+
+    doc: dict[str, Any]
+    json_path: Path
+    report_path: Path
+
+    @property
+    def passed(self) -> bool:
+        """True when the adapter beats the baseline by the verdict rule."""
+        return bool(self.doc["verdict"]["passed"])
+
+    @property
+    def sentence(self) -> str:
+        """The verdict in one sentence."""
+        return str(self.doc["verdict"]["sentence"])
+
+    @property
+    def verdict(self) -> str:
+        """Alias of `sentence` (what the train CLI prints)."""
+        return self.sentence
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Read canonical JSONL rows, checking each is an SFT or a preference row.
+
+    Raises:
+        InvalidInput: Naming the first bad line.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInput(f"{path}:{number} is not JSON: {exc.msg}") from exc
+            sft = isinstance(row, dict) and isinstance(row.get("messages"), list)
+            pref = isinstance(row, dict) and all(
+                isinstance(row.get(k), list) for k in ("prompt", "chosen", "rejected")
+            )
+            if not (sft or pref):
+                raise InvalidInput(
+                    f"{path}:{number} is not a canonical row (messages, or prompt/chosen/rejected)",
+                    fix="Prepare the data first: `loradock data prepare FILE --out DIR`.",
+                    param="data",
+                )
+            row.setdefault("line", number)
+            rows.append(row)
+    return rows
+
+
+def run_eval(
+    adapter_dir: Path,
+    base: BaseInfo,
+    data_dir: Path,
+    *,
+    few_shot_k: int = 3,
+    max_examples: int | None = None,
+    max_new_tokens: int = 128,
+    device: str = "cpu",
+    out_dir: Path | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    dtype: Dtype = "auto",
+    forgetting_texts: int | None = None,
+    sample_prompts: list[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Evaluate an adapter on ``data_dir/test.jsonl`` and write ``eval.json`` + ``eval_report.md``.
+
+    Args:
+        adapter_dir: PEFT LoRA folder (``chat_template.jinja`` used when present).
+        base: The base it was trained on (loaded unquantised from ``base.path``).
+        data_dir: Prepared data folder with ``test.jsonl`` (and ``train.jsonl`` for shots), or
+            a canonical test JSONL file (shots from a ``train.jsonl`` beside it, if any).
+        few_shot_k: Examples from train in the few-shot baseline (0 disables it).
+        max_examples: Evaluate only the first N test rows.
+        max_new_tokens: Generation limit per answer.
+        device: ``cpu`` or ``cuda[:N]``.
+        out_dir: Where to write the outputs (default ``adapter_dir``; registered folders are
+            read-only).
+        batch_size: Generation batch size.
+        seed: Seed of the few-shot choice.
+        dtype: Base precision; ``auto`` = float32 on CPU, bfloat16 on CUDA.
+        forgetting_texts: Use only the first N bundled general-text paragraphs (default all 30).
+        sample_prompts: User prompts whose base and adapter answers are shown side by side
+            (default: the recipe's ``eval_prompts`` recorded in the manifest).
+        log: Called with one line per stage (progress), if given.
+
+    Raises:
+        NotFound: No ``test.jsonl``.
+        InvalidInput: Empty or mixed (SFT and preference) test split, or a bad row.
+    """
+    started = time.monotonic()
+    say = log or (lambda _line: None)
+    adapter_dir, data_dir = Path(adapter_dir), Path(data_dir)
+    if data_dir.is_file():  # a test JSONL file; shots from a train.jsonl beside it
+        test_path, train_path = data_dir, data_dir.parent / "train.jsonl"
+    else:
+        test_path, train_path = data_dir / "test.jsonl", data_dir / "train.jsonl"
+    if not test_path.is_file():
+        raise NotFound(
+            f"{test_path} does not exist",
+            fix="Pass the folder written by `loradock data prepare` (it holds test.jsonl) or a "
+            "test JSONL file.",
+            param="data",
+        )
+    all_test = read_rows(test_path)
+    test = all_test[:max_examples] if max_examples else all_test
+    if not test:
+        raise InvalidInput(f"{test_path} has no rows", fix="Prepare more data.", param="data")
+    kinds = {"sft" if "messages" in row else "preference" for row in test}
+    if len(kinds) != 1:
+        raise InvalidInput(f"{test_path} mixes SFT and preference rows", param="data")
+    kind = kinds.pop()
+    same = train_path.resolve() == test_path.resolve()
+    train = read_rows(train_path) if train_path.is_file() and kind == "sft" and not same else []
+    say(f"loading {base.name} and {adapter_dir}")
+    loaded = load(adapter_dir, base, device=device, dtype=dtype)
+    doc: dict[str, Any] = {
+        "schema": EVAL_SCHEMA,
+        "kind": kind,
+        "created_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "adapter": {"dir": str(adapter_dir), "chat_template": loaded.template_source},
+        "base": {
+            "name": base.name,
+            "fingerprint": base.fingerprint,
+            "hf_id": base.hf_id,
+            "precision": loaded.dtype,
+            "quantized": False,
+        },
+        "device": device,
+        "metric_definitions": {},
+    }
+    if kind == "sft":
+        shots = pick_shots(train, few_shot_k, seed)
+        doc.update(_eval_sft(loaded, test, shots, max_new_tokens, batch_size, say))
+        doc["data"] = {
+            "few_shot_k": len(shots),
+            "few_shot_seed": seed,
+            "few_shot_lines": [s["line"] for s in shots],
+        }
+    else:
+        doc.update(_eval_preference(loaded, test, say))
+        doc["data"] = {"few_shot_k": 0, "few_shot_seed": None, "few_shot_lines": []}
+    doc["data"].update(
+        {"dir": str(data_dir), "split": "test", "test_rows": len(all_test), "evaluated": len(test)}
+    )
+    doc["data"]["json_references"] = doc.pop("_json_references", 0)
+    baseline = "few_shot" if "few_shot" in doc["systems"] else "base"
+    doc["verdict"] = verdict(
+        doc["primary_metric"],
+        doc.pop("_per_example"),
+        baseline=baseline,
+        shots=doc["data"]["few_shot_k"],
+    )
+    if sample_prompts is None:
+        manifest = AdapterManifest.read(adapter_dir)
+        recorded = manifest.hyperparameters.get("eval_prompts") if manifest else None
+        sample_prompts = [str(p) for p in recorded or []]
+    doc["samples"] = _samples(loaded, sample_prompts, max_new_tokens, batch_size, say)
+    say("forgetting check on the bundled general text")
+    doc["forgetting"] = forgetting_check(loaded, limit=forgetting_texts).to_dict()
+    doc["wall_time_s"] = round(time.monotonic() - started, 3)
+    json_path, report_path = write_outputs(doc, Path(out_dir or adapter_dir), adapter_dir)
+    say(doc["verdict"]["sentence"])
+    return EvalResult(doc, json_path, report_path)
+
+
+def _samples(
+    loaded: Loaded, prompts: list[str], max_new_tokens: int, batch_size: int,
+    say: Callable[[str], None],
+) -> list[dict[str, str]]:
+    if not prompts:
+        return []
+    say(f"answering {len(prompts)} sample prompts")
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    outputs = {
+        system: greedy_generate(
+            loaded, system, messages, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        for system in ("base", "adapter")
+    }
+    return [
+        {"prompt": p, "base": outputs["base"][i], "adapter": outputs["adapter"][i]}
+        for i, p in enumerate(prompts)
+    ]
+
+
+def _perplexities(loaded: Loaded, encoded: dict[str, list]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for system, sequences in encoded.items():
+        with loaded.system(system) as model:
+            sums = nll_sums(model, sequences, device=loaded.device)
+        tokens = sum(s.tokens for s in sums)
+        out[system] = {
+            "perplexity": metrics.perplexity(sum(s.nll for s in sums), tokens),
+            "scored_tokens": tokens,
+        }
+    return out
+
+
+def _eval_sft(
+    loaded: Loaded,
+    test: list[dict],
+    shots: list[dict],
+    max_new_tokens: int,
+    batch_size: int,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    tokenizer = loaded.tokenizer
+    split = [split_conversation(row["messages"]) for row in test]
+    prompts = [p for p, _ in split]
+    references = [r for _, r in split]
+    plain = [encode_conversation(tokenizer, row["messages"]) for row in test]
+    encoded: dict[str, list] = {"base": plain, "adapter": plain}
+    prompt_sets = {"base": prompts, "adapter": prompts}
+    if shots:
+        fs = [with_shots(shots, row["messages"]) for row in test]
+        encoded["few_shot"] = [encode_conversation(tokenizer, m, first=f) for m, f in fs]
+        prompt_sets["few_shot"] = [with_shots(shots, p)[0] for p in prompts]
+    say(f"perplexity on {len(test)} test rows")
+    systems = _perplexities(loaded, encoded)
+    outputs = {}
+    for system, system_prompts in prompt_sets.items():
+        say(f"generating {len(test)} answers: {system}")
+        outputs[system] = greedy_generate(
+            loaded, system, system_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+    primary = metrics.primary_metric(references)
+    per_example: dict[str, list[float]] = {}
+    for system, preds in outputs.items():
+        em = [metrics.exact_match(p, r) for p, r in zip(preds, references, strict=True)]
+        rl = [metrics.rouge_l(p, r) for p, r in zip(preds, references, strict=True)]
+        systems[system].update(
+            exact_match=metrics.mean(em),
+            rouge_l=metrics.mean(rl),
+            json_validity=metrics.json_validity(preds, references),
+        )
+        per_example[system] = em if primary == "exact_match" else rl
+    examples = []
+    for i, row in enumerate(test):
+        last_user = next((m["content"] for m in reversed(prompts[i]) if m["role"] == "user"), "")
+        examples.append(
+            {
+                "line": row["line"],
+                "prompt": last_user,
+                "reference": references[i],
+                "outputs": {s: outputs[s][i] for s in outputs},
+                "exact_match": {
+                    s: metrics.exact_match(outputs[s][i], references[i]) for s in outputs
+                },
+                "rouge_l": {
+                    s: round(metrics.rouge_l(outputs[s][i], references[i]), 4) for s in outputs
+                },
+            }
+        )
+    worst = sorted(
+        range(len(test)),
+        key=lambda i: (per_example["adapter"][i], examples[i]["rouge_l"]["adapter"], i),
+    )
+    return {
+        "primary_metric": primary,
+        "decoding": {
+            "strategy": "greedy",
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "padding": "left",
+        },
+        "systems": systems,
+        "metric_definitions": {
+            k: METRIC_DEFINITIONS[k]
+            for k in ("perplexity", "exact_match", "rouge_l", "json_validity")
+        },
+        "worst_examples": [
+            {
+                "line": examples[i]["line"],
+                "prompt": examples[i]["prompt"],
+                "reference": examples[i]["reference"],
+                "adapter": outputs["adapter"][i],
+                "score": per_example["adapter"][i],
+            }
+            for i in worst[:WORST_EXAMPLES]
+        ],
+        "examples": examples,
+        "_per_example": per_example,
+        "_json_references": sum(metrics.is_json_output(r) for r in references),
+    }
+
+
+def _eval_preference(
+    loaded: Loaded, test: list[dict], say: Callable[[str], None]
+) -> dict[str, Any]:
+    tokenizer = loaded.tokenizer
+    chosen = [
+        encode_conversation(tokenizer, r["prompt"] + r["chosen"], first=len(r["prompt"]))
+        for r in test
+    ]
+    rejected = [
+        encode_conversation(tokenizer, r["prompt"] + r["rejected"], first=len(r["prompt"]))
+        for r in test
+    ]
+    say(f"log-likelihood of {len(test)} preference pairs")
+    logp: dict[str, dict[str, list[float]]] = {}
+    systems: dict[str, dict[str, Any]] = {}
+    for system in ("base", "adapter"):
+        with loaded.system(system) as model:
+            c = nll_sums(model, chosen, device=loaded.device)
+            r = nll_sums(model, rejected, device=loaded.device)
+        logp[system] = {"chosen": [-s.nll for s in c], "rejected": [-s.nll for s in r]}
+        tokens = sum(s.tokens for s in c)
+        wins = [
+            float(a > b)
+            for a, b in zip(logp[system]["chosen"], logp[system]["rejected"], strict=True)
+        ]
+        margins = [
+            a - b for a, b in zip(logp[system]["chosen"], logp[system]["rejected"], strict=True)
+        ]
+        systems[system] = {
+            "preference_accuracy": metrics.mean(wins),
+            "mean_margin": metrics.mean(margins),
+            "perplexity": metrics.perplexity(sum(s.nll for s in c), tokens),
+            "scored_tokens": tokens,
+            "_wins": wins,
+        }
+    gains = [
+        float((ca - cb) > (ra - rb))
+        for ca, cb, ra, rb in zip(
+            logp["adapter"]["chosen"],
+            logp["base"]["chosen"],
+            logp["adapter"]["rejected"],
+            logp["base"]["rejected"],
+            strict=True,
+        )
+    ]
+    systems["adapter"]["reward_accuracy"] = metrics.mean(gains)
+    systems["base"]["reward_accuracy"] = None
+    per_example = {s: systems[s].pop("_wins") for s in systems}
+    order = sorted(range(len(test)), key=lambda i: (per_example["adapter"][i], i))
+    return {
+        "primary_metric": "preference_accuracy",
+        "decoding": None,
+        "systems": systems,
+        "metric_definitions": {
+            k: METRIC_DEFINITIONS[k]
+            for k in ("perplexity", "preference_accuracy", "reward_accuracy")
+        },
+        "worst_examples": [
+            {
+                "line": test[i]["line"],
+                "prompt": next(
+                    (m["content"] for m in reversed(test[i]["prompt"]) if m.get("role") == "user"),
+                    "",
+                ),
+                "reference": test[i]["chosen"][-1].get("content", ""),
+                "adapter": "(prefers the rejected response)"
+                if not per_example["adapter"][i]
+                else "(prefers the chosen response)",
+                "score": per_example["adapter"][i],
+            }
+            for i in order[:WORST_EXAMPLES]
+        ],
+        "examples": [
+            {
+                "line": test[i]["line"],
+                "logp": {
+                    s: {"chosen": logp[s]["chosen"][i], "rejected": logp[s]["rejected"][i]}
+                    for s in logp
+                },
+            }
+            for i in range(len(test))
+        ],
+        "_per_example": per_example,
+    }
