@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ RECIPE = REPO / "examples" / "json-extract" / "recipe.yaml"
 
 
 def banner(text: str) -> None:
+    """Print a step heading."""
     print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
 
 
@@ -40,12 +42,14 @@ def run(*args: str, capture: bool = False) -> str:
 
 
 def free_port() -> int:
+    """Return a free TCP port on 127.0.0.1."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Poll ``/health`` until the server says ok (or exit if it died)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -61,6 +65,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> No
 
 
 def call_side_by_side(url: str, model: str, prompts: list[str]) -> None:
+    """Ask the base and the adapter the same questions with the openai client."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="not-needed-on-localhost")
@@ -80,6 +85,7 @@ def call_side_by_side(url: str, model: str, prompts: list[str]) -> None:
 
 
 def main() -> None:
+    """Run the six steps."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -92,7 +98,8 @@ def main() -> None:
 
     banner("3. QLoRA training, evaluation, model card, registration")
     adapter_dir = OUT / ADAPTER
-    run("train", str(RECIPE), "--out", str(adapter_dir), "--overwrite", "--register", ADAPTER)
+    run("train", str(RECIPE), "--out", str(adapter_dir), "--set", "overwrite=true",
+        "--register", ADAPTER)
     report = adapter_dir / "eval_report.md"
     if report.is_file():
         verdict = [line for line in report.read_text().splitlines() if "erdict" in line]
@@ -120,7 +127,9 @@ def main() -> None:
         server.wait(timeout=60)
 
     banner("6. export for Ollama")
-    run("export", "ollama", ADAPTER, "--out", str(OUT / "ollama"), "--overwrite")
+    ollama_dir = OUT / "ollama"
+    shutil.rmtree(ollama_dir, ignore_errors=True)  # the demo's own output from a previous run
+    run("export", "ollama", ADAPTER, "--out", str(ollama_dir))
 
     print(f"\ndemo finished in {time.time() - started:.0f} s")
 

@@ -13,7 +13,10 @@ from hub.store import Store
 from tests.hub.standin_hub import StandInHub
 
 TOKEN = "hf_standin_secret_token_1234567890"
-CARD = "---\ndraft: false\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n# bot\n"
+CARD = (
+    "---\ndraft: false\nlicense: apache-2.0\n"
+    "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n# bot\n"
+)
 
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -76,7 +79,8 @@ def test_push_refuses_draft_or_missing_card(store, adapter_factory, tmp_path, hu
     assert "missing, marked draft" in result.stderr and "--allow-draft" in result.stderr
     assert "acme/nocard" not in hub.repos
 
-    draft = with_card(tmp_path, adapter_factory(seed=2), CARD.replace("draft: false", "draft: true"))
+    draft_card = CARD.replace("draft: false", "draft: true")
+    draft = with_card(tmp_path, adapter_factory(seed=2), draft_card)
     store.register(draft, "drafty")
     assert cli("hub", "push", "drafty", "--repo", "acme/drafty", env=env).returncode == 2
     forced = cli("hub", "push", "drafty", "--repo", "acme/drafty", "--allow-draft", env=env)

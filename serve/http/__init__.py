@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front (see `serve.http.app.create_app`)."""

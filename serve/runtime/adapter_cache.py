@@ -1,0 +1,230 @@
+"""Which adapters are resident: lazy loads, LRU eviction, pinning while requests are in flight.
+
+Each adapter version is a key ``NAME@V``; a newly registered version is a new key, so the next
+request that resolves to it simply loads it (no restart, no invalidation). At most ``capacity``
+adapters are resident, each in one `serve.runtime.lora.LoraStack` slot. Loading reads the files
+on a background thread (the scheduler keeps decoding meanwhile), then installs the tensors into
+a free slot, or the slot of the least recently used adapter that no running sequence pins.
+Pinned adapters are never evicted; unloading one raises `hub.errors.Conflict`. Adapters that
+waiting requests need are not evicted either (``protected``), so loads cannot thrash.
+
+Locks: ``lock`` (this cache's state) is always taken after ``step_lock`` (the scheduler's
+forward pass), so installing weights never races a forward pass that reads the stack.
+
+Where the job ends: this module owns slots and residency. Reading files is
+`serve.runtime.adapter_files`; what runs when is the scheduler's job.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hub.errors import Conflict
+
+if TYPE_CHECKING:
+    from hub.store import AdapterRecord
+    from serve.runtime.lora import AdapterWeights, LoraStack
+
+
+def adapter_key(record: AdapterRecord) -> str:
+    """The cache key of an adapter version: ``NAME@V``."""
+    return f"{record.name}@{record.version}"
+
+
+class NoRoom(Conflict):
+    """Every slot holds an adapter with requests in flight (the caller may retry later)."""
+
+
+@dataclass
+class Resident:
+    """A resident adapter.
+
+    Attributes:
+        key: ``NAME@V``.
+        record: Its store record.
+        slot: Its LoRA stack slot.
+        load_s: Seconds the load took (reading files and installing).
+        nbytes: Bytes of its unpadded LoRA tensors.
+        pins: Running sequences using it.
+    """
+
+    key: str
+    record: AdapterRecord
+    slot: int
+    load_s: float
+    nbytes: int
+    pins: int = 0
+
+
+class AdapterCache:
+    """LRU set of resident adapters backed by a `LoraStack`."""
+
+    def __init__(
+        self,
+        stack: LoraStack,
+        capacity: int,
+        reader: Callable[[AdapterRecord], AdapterWeights],
+        step_lock: threading.Lock,
+        on_loaded: Callable[[], None] | None = None,
+    ) -> None:
+        """Create an empty cache.
+
+        Args:
+            stack: Where weights are installed (``stack.num_slots >= capacity``).
+            capacity: Adapters resident at once.
+            reader: Reads a record's files into weights (runs on the loader thread).
+            step_lock: Held by the scheduler around each forward pass.
+            on_loaded: Called (on the loader thread) after each load finishes or fails.
+        """
+        self.stack = stack
+        self.capacity = capacity
+        self.reader = reader
+        self.step_lock = step_lock
+        self.on_loaded = on_loaded
+        self.lock = threading.RLock()
+        self._resident: OrderedDict[str, Resident] = OrderedDict()  # least recent first
+        self._free = list(range(capacity - 1, -1, -1))
+        self._loading: dict[str, Future[Resident]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+        # Keys that waiting requests need: not evicted, so a fresh load is not thrown out before
+        # its requests are admitted (replaced as a whole by the scheduler each step).
+        self.protected: frozenset[str] = frozenset()
+        self.loads = 0
+        self.evictions = 0
+        self.load_s_total = 0.0
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        """Resident keys, least recently used first."""
+        with self.lock:
+            return list(self._resident)
+
+    def get(self, key: str) -> Resident | None:
+        """The resident entry for ``key`` (no LRU update)."""
+        with self.lock:
+            return self._resident.get(key)
+
+    def is_loading(self, key: str) -> bool:
+        """True while a load of ``key`` is in flight."""
+        with self.lock:
+            return key in self._loading
+
+    def has_room(self) -> bool:
+        """True when a load could find a slot now (a free one or an idle adapter to evict)."""
+        with self.lock:
+            return bool(self._free) or any(self._evictable(r) for r in self._resident.values())
+
+    def _evictable(self, entry: Resident) -> bool:
+        return entry.pins == 0 and entry.key not in self.protected
+
+    # -- pins -------------------------------------------------------------------------------
+
+    def acquire(self, key: str) -> Resident | None:
+        """Pin ``key`` for a running sequence; None if it is not resident."""
+        with self.lock:
+            entry = self._resident.get(key)
+            if entry is not None:
+                entry.pins += 1
+                self._resident.move_to_end(key)
+            return entry
+
+    def release(self, key: str) -> None:
+        """Unpin ``key`` (its sequence finished)."""
+        with self.lock:
+            entry = self._resident.get(key)
+            if entry is not None and entry.pins > 0:
+                entry.pins -= 1
+                self._resident.move_to_end(key)
+
+    # -- loading and eviction ---------------------------------------------------------------
+
+    def start_load(self, record: AdapterRecord) -> Future[Resident]:
+        """Load ``record`` in the background unless resident or already loading."""
+        key = adapter_key(record)
+        with self.lock:
+            entry = self._resident.get(key)
+            if entry is not None:
+                done: Future[Resident] = Future()
+                done.set_result(entry)
+                return done
+            future = self._loading.get(key)
+            if future is None:
+                future = self._executor.submit(self._load, record)
+                self._loading[key] = future
+            return future
+
+    def _load(self, record: AdapterRecord) -> Resident:
+        key = adapter_key(record)
+        started = time.perf_counter()
+        try:
+            weights = self.reader(record)
+            with self.step_lock, self.lock:
+                slot = self._take_slot(key)
+                try:
+                    self.stack.install(slot, weights)
+                except BaseException:
+                    self._free.append(slot)
+                    raise
+                load_s = time.perf_counter() - started
+                entry = Resident(key, record, slot, load_s, weights.nbytes)
+                self._resident[key] = entry
+                self.loads += 1
+                self.load_s_total += load_s
+                return entry
+        finally:
+            with self.lock:
+                self._loading.pop(key, None)
+            if self.on_loaded is not None:
+                self.on_loaded()
+
+    def _take_slot(self, key: str) -> int:
+        if self._free:
+            return self._free.pop()
+        for victim in self._resident.values():  # least recently used first
+            if self._evictable(victim):
+                self._evict(victim)
+                return self._free.pop()
+        raise NoRoom(
+            f"Cannot load adapter {key}: all {self.capacity} adapter slots hold adapters with "
+            "requests in flight or waiting",
+            fix="Retry when requests finish, or start the server with a larger --max-adapters.",
+        )
+
+    def _evict(self, entry: Resident) -> None:
+        self.stack.clear(entry.slot)
+        del self._resident[entry.key]
+        self._free.append(entry.slot)
+        self.evictions += 1
+
+    def unload(self, key: str) -> bool:
+        """Evict ``key`` now.
+
+        Returns:
+            False if it was not resident.
+
+        Raises:
+            Conflict: Requests using it are in flight.
+        """
+        with self.step_lock, self.lock:
+            entry = self._resident.get(key)
+            if entry is None:
+                return False
+            if entry.pins:
+                raise Conflict(
+                    f"Adapter {key} has {entry.pins} request(s) in flight",
+                    fix="Retry when they finish.",
+                    param="name",
+                )
+            self._evict(entry)
+            return True
+
+    def close(self) -> None:
+        """Stop the loader thread (pending loads are cancelled)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,223 @@
+"""Read a registered PEFT LoRA folder into `AdapterWeights`, refusing what the engine cannot serve.
+
+Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (safetensors only, never pickle),
+checks the files against the checksums recorded at registration, maps PEFT's tensor names
+(``base_model.model.model.layers.3.self_attn.q_proj.lora_A[.NAME].weight``) onto
+``(layer, leaf)``, and folds each module's scaling into B: ``alpha / r``, or ``alpha / sqrt(r)``
+with ``use_rslora``, where ``r`` and ``alpha`` come from ``rank_pattern`` / ``alpha_pattern``
+when a pattern matches the module (PEFT's rule: the pattern matches the end of the module path).
+
+Refused with `hub.errors.Unsupported` (the batched kernel adds ``x A^T B^T`` to linear layers and
+nothing else): DoRA, ``modules_to_save``, LoRA on embeddings or lm_head, LoRA biases, aLoRA,
+QA-LoRA, layer replication, trainable tokens, ``target_parameters``, and ranks over the engine's
+cap.
+
+Where the job ends: this module produces host tensors; putting them in slots is
+`serve.runtime.lora` and `serve.runtime.adapter_cache`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hub.errors import Incompatible, InvalidInput, NotAnAdapter, StoreCorrupt, Unsupported
+from hub.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from serve.runtime.lora import AdapterWeights
+
+if TYPE_CHECKING:
+    import torch
+
+    from hub.store import AdapterRecord
+
+LORA_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\."
+    r"(?P<leaf>[a-z_]+))\.(?P<part>lora_A|lora_B)(?:\.[A-Za-z0-9_-]+)?\.weight$"
+)
+# adapter_config.json fields whose non-default values change the math the kernel does.
+_REFUSED_FIELDS = {
+    "use_dora": "DoRA adapters",
+    "lora_bias": "LoRA biases (lora_bias=true)",
+    "alora_invocation_tokens": "aLoRA adapters",
+    "use_qalora": "QA-LoRA adapters",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable_token_indices",
+    "target_parameters": "target_parameters (LoRA on parameters, not modules)",
+    "modules_to_save": "modules_to_save (full copies of modules)",
+    "fan_in_fan_out": "fan_in_fan_out",
+}
+
+
+def check_capabilities(record: AdapterRecord, max_rank: int) -> None:
+    """Refuse early, from the registered capabilities, what `read_adapter` would refuse.
+
+    Raises:
+        Unsupported: DoRA, modules_to_save, embedding LoRA, or rank over ``max_rank``.
+    """
+    caps = record.capabilities
+    key = f"{record.name}@{record.version}"
+    problems = []
+    if caps.use_dora:
+        problems.append("it is a DoRA adapter")
+    if caps.modules_to_save:
+        problems.append(f"it has modules_to_save={caps.modules_to_save}")
+    if caps.targets_embeddings:
+        problems.append("it puts LoRA on embed_tokens/lm_head")
+    if caps.rank > max_rank:
+        problems.append(f"its rank {caps.rank} is over max_lora_rank={max_rank}")
+    if problems:
+        raise Unsupported(
+            f"The peft engine cannot serve adapter {key}: {'; '.join(problems)}",
+            fix="Retrain it as a plain LoRA on linear layers (the default `loradock train` "
+            "recipe), or raise --max-lora-rank if only the rank is too high.",
+            param="model",
+        )
+
+
+def read_adapter(
+    record: AdapterRecord,
+    shapes: dict[str, tuple[int, int]],
+    num_layers: int,
+    *,
+    max_rank: int,
+    dtype: torch.dtype,
+    verify: bool = True,
+) -> AdapterWeights:
+    """Load ``record``'s LoRA tensors as ``{(layer, leaf): (A, (B * scaling).T)}``.
+
+    Args:
+        record: The registered adapter version.
+        shapes: ``{leaf: (in_features, out_features)}`` of the base's targetable modules.
+        num_layers: Decoder layers of the base.
+        max_rank: Largest rank accepted.
+        dtype: Dtype of the returned tensors.
+        verify: Re-hash the files against the checksums recorded at registration.
+
+    Raises:
+        StoreCorrupt: Files changed since registration.
+        NotAnAdapter: Missing or unreadable files.
+        Unsupported: Features the engine cannot serve (see the module docstring).
+        Incompatible: Shapes or ranks that do not fit the base or the config.
+        InvalidInput: Non-finite values.
+    """
+    import torch
+    from safetensors.torch import load as load_safetensors
+
+    key = f"{record.name}@{record.version}"
+    check_capabilities(record, max_rank)
+    folder = Path(record.path)
+    config_bytes = _read_bytes(record, folder, ADAPTER_CONFIG_FILE, verify)
+    weights_bytes = _read_bytes(record, folder, ADAPTER_WEIGHTS_FILE, verify)
+    config = _parse_config(config_bytes, key)
+    tensors = load_safetensors(weights_bytes)
+    pairs: dict[tuple[int, str], dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        match = _KEY.match(name)
+        if match is None or match["leaf"] not in LORA_LEAVES or int(match["layer"]) >= num_layers:
+            raise Unsupported(
+                f"Adapter {key} has tensor {name!r}, which the peft engine cannot apply",
+                fix=f"Serve adapters that put LoRA only on {', '.join(LORA_LEAVES)}.",
+                param="model",
+            )
+        slot = pairs.setdefault((int(match["layer"]), match["leaf"]), {"module": match["module"]})
+        slot[match["part"]] = tensor
+    if not pairs:
+        raise NotAnAdapter(f"Adapter {key} holds no LoRA tensors", fix="Register it again.")
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (layer, leaf), parts in sorted(pairs.items()):
+        a, b = parts.get("lora_A"), parts.get("lora_B")
+        if a is None or b is None:
+            raise Incompatible(f"Adapter {key}: {parts['module']} has only one of lora_A/lora_B",
+                               fix="Re-save the adapter with PEFT's save_pretrained().")
+        in_f, out_f = shapes[leaf]
+        rank = a.shape[0]
+        if a.shape != (rank, in_f) or b.shape != (out_f, rank):
+            raise Incompatible(
+                f"Adapter {key}: {parts['module']} has lora_A {list(a.shape)} and lora_B "
+                f"{list(b.shape)}; the base needs [r, {in_f}] and [{out_f}, r]",
+                fix="Use the adapter with the base it was trained on.",
+                param="model",
+            )
+        if rank > max_rank:
+            raise Unsupported(f"Adapter {key}: rank {rank} of {parts['module']} is over "
+                              f"max_lora_rank={max_rank}", fix="Raise --max-lora-rank.",
+                              param="model")
+        scaling = module_scaling(config, parts["module"], rank, key)
+        a32, b32 = a.to(torch.float32), b.to(torch.float32)
+        if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
+            raise InvalidInput(f"Adapter {key}: {parts['module']} has NaN or inf weights",
+                               fix="Retrain or re-export the adapter.", param="model")
+        modules[(layer, leaf)] = (a32.to(dtype).contiguous(),
+                                  (b32 * scaling).T.to(dtype).contiguous())
+    return AdapterWeights(modules=modules, rank=max(a.shape[0] for a, _ in modules.values()))
+
+
+def module_scaling(config: dict[str, Any], module: str, rank: int, key: str = "") -> float:
+    """PEFT's scaling for ``module``: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+
+    ``r`` and ``alpha`` come from the first ``rank_pattern`` / ``alpha_pattern`` key matching
+    ``module``, else from ``r`` / ``lora_alpha``. The resulting ``r`` must equal the tensor rank.
+
+    Raises:
+        Incompatible: The config's rank for the module differs from the tensor's.
+    """
+    r = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module,
+                           config.get("lora_alpha", r))
+    if int(r) != rank:
+        raise Incompatible(
+            f"Adapter {key}: {module} has rank {rank} in its weights but r={r} in its config",
+            fix="Re-save the adapter with PEFT's save_pretrained().",
+        )
+    if config.get("use_rslora"):
+        return float(alpha) / math.sqrt(rank)
+    return float(alpha) / rank
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _parse_config(data: bytes, key: str) -> dict[str, Any]:
+    try:
+        config = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NotAnAdapter(f"Adapter {key}: {ADAPTER_CONFIG_FILE} is not valid JSON ({exc})",
+                           fix="Register the adapter again.") from exc
+    if not isinstance(config, dict):
+        raise NotAnAdapter(f"Adapter {key}: {ADAPTER_CONFIG_FILE} is not a JSON object",
+                           fix="Register the adapter again.")
+    refused = [label for field_, label in _REFUSED_FIELDS.items() if config.get(field_)]
+    if refused:
+        raise Unsupported(
+            f"The peft engine cannot serve adapter {key}: it uses {', '.join(refused)}",
+            fix="Retrain it as a plain LoRA on linear layers (the default `loradock train` "
+            "recipe).",
+            param="model",
+        )
+    return config
+
+
+def _read_bytes(record: AdapterRecord, folder: Path, rel: str, verify: bool) -> bytes:
+    """Read one file of the adapter, checking it against its registered sha256."""
+    fix = (f"Remove it (`loradock hub rm {record.name}@{record.version}`) and register it "
+           "again.")
+    try:
+        data = (folder / rel).read_bytes()
+    except OSError as exc:
+        raise StoreCorrupt(f"Adapter {record.name}@{record.version}: cannot read {rel} ({exc})",
+                           fix=fix) from exc
+    if verify and record.files.get(rel) != hashlib.sha256(data).hexdigest():
+        raise StoreCorrupt(
+            f"Adapter {record.name}@{record.version}: {rel} has changed since registration",
+            fix=fix,
+        )
+    return data

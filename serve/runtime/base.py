@@ -1,0 +1,173 @@
+"""Load the base model once with transformers, in the weight format asked for.
+
+Formats (``EngineConfig.base_dtype``):
+
+- ``nf4``: bitsandbytes 4-bit NF4 with double quantisation; compute dtype fp32 on CPU, bf16 on
+  CUDA. lm_head / tied embeddings stay unquantised (transformers' default).
+- ``fp32``, ``bf16``, ``fp16``: dense weights.
+- ``auto``: ``fp32`` on CPU, ``nf4`` on CUDA. On this CPU (2 cores, no native bf16) fp32 decodes
+  faster than nf4, because bitsandbytes dequantises every 4-bit weight on each call and the CPU
+  has no fused 4-bit kernel; `bench/serve.py` prints the measured ratio (``nf4 / fp32``). On CUDA
+  the quantised base is the point of the product (one small base, many adapters).
+
+Only LlamaForCausalLM-shaped models are served (``SUPPORTED_MODEL_TYPES``): the runner calls their
+submodules directly (embed_tokens, layers[i].self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj,
+norms, lm_head).
+
+Where the job ends: this module returns the loaded model and its facts; running it is
+`serve.runtime.runner`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hub.errors import InvalidInput, Unsupported
+
+if TYPE_CHECKING:
+    import torch
+
+    from hub.bases import BaseInfo
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# Rope types whose inverse frequencies do not depend on the sequence length.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+DENSE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass
+class LoadedBase:
+    """A loaded base model and the facts the runner needs.
+
+    Attributes:
+        model: The transformers ``*ForCausalLM`` (eval mode, no grad).
+        dtype_name: ``nf4``, ``fp32``, ``bf16`` or ``fp16`` (what ``auto`` resolved to).
+        compute_dtype: Dtype of activations, KV cache and LoRA weights.
+        device: Where it runs.
+        max_len: Longest sequence served (config cap and the model's context).
+        load_s: Seconds the load took.
+    """
+
+    model: Any
+    dtype_name: str
+    compute_dtype: torch.dtype
+    device: torch.device
+    max_len: int
+    load_s: float
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``.
+
+    Raises:
+        InvalidInput: ``cuda`` asked for but not available, or an unknown device.
+    """
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InvalidInput(f"Unknown device {device!r}", fix="Use cpu, cuda or auto.",
+                           param="device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInput("device='cuda' was asked for but no CUDA GPU is visible",
+                           fix="Use --device cpu.", param="device")
+    return torch.device(device)
+
+
+def resolve_dtype(base_dtype: str, device: torch.device) -> str:
+    """Resolve ``auto`` for ``device`` (see the module docstring for why)."""
+    if base_dtype == "auto":
+        return "nf4" if device.type == "cuda" else "fp32"
+    if base_dtype != "nf4" and base_dtype not in DENSE_DTYPES:
+        raise InvalidInput(f"Unknown base dtype {base_dtype!r}",
+                           fix="Use auto, nf4, fp32, bf16 or fp16.", param="base_dtype")
+    return base_dtype
+
+
+def check_architecture(path: Path) -> dict[str, Any]:
+    """Read ``config.json`` and refuse model types the runner does not know.
+
+    Raises:
+        Unsupported: Not a Llama-family model, or a sequence-dependent rope.
+    """
+    config = json.loads((Path(path) / "config.json").read_text())
+    model_type = config.get("model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise Unsupported(
+            f"The peft engine runs {', '.join(SUPPORTED_MODEL_TYPES)} models, not "
+            f"model_type={model_type!r}",
+            fix="Use a Llama-family base, or another engine (--engine vllm).",
+            param="base",
+        )
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise Unsupported(f"rope_type={rope_type!r} is not supported by the peft engine",
+                          fix=f"Use a base with one of: {', '.join(STATIC_ROPE_TYPES)}.",
+                          param="base")
+    return config
+
+
+def load_base(base: BaseInfo, base_dtype: str, device_name: str, max_model_len: int) -> LoadedBase:
+    """Load ``base`` for inference.
+
+    Args:
+        base: The registered base (its ``path`` is an HF folder with safetensors weights).
+        base_dtype: ``auto``, ``nf4``, ``fp32``, ``bf16`` or ``fp16``.
+        device_name: ``auto``, ``cpu`` or ``cuda``.
+        max_model_len: Requested context cap (lowered to the model's own).
+
+    Raises:
+        Unsupported: Architecture, or nf4 without bitsandbytes.
+        InvalidInput: Unknown dtype or device.
+    """
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    started = time.perf_counter()
+    config = check_architecture(Path(base.path))
+    device = resolve_device(device_name)
+    dtype_name = resolve_dtype(base_dtype, device)
+    kwargs: dict[str, Any] = {"trust_remote_code": False, "use_safetensors": True}
+    if dtype_name == "nf4":
+        try:
+            from transformers import BitsAndBytesConfig
+        except ImportError as exc:  # pragma: no cover - transformers always has it
+            raise Unsupported("nf4 needs bitsandbytes", fix="pip install bitsandbytes") from exc
+        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": device}
+    else:
+        compute = getattr(torch, DENSE_DTYPES[dtype_name])
+        kwargs["dtype"] = compute
+    model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+    if dtype_name != "nf4":
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    context = int(config.get("max_position_embeddings") or max_model_len)
+    window = config.get("sliding_window")
+    if window:  # attention over the whole prefix equals the window only up to its size
+        context = min(context, int(window))
+    return LoadedBase(
+        model=model,
+        dtype_name=dtype_name,
+        compute_dtype=compute,
+        device=device,
+        max_len=min(max_model_len, context),
+        load_s=time.perf_counter() - started,
+    )

@@ -1,0 +1,449 @@
+"""Continuous batching: one decode pass per step for all running sequences, whatever adapters.
+
+A worker thread runs the loop; requests join and leave between steps.
+
+Each loop iteration (a *step*):
+
+1. **Reap**: aborted requests, requests past their deadline, and finished ones free their KV row
+   and unpin their adapter; rows are re-compacted (the last row moves into the hole).
+2. **Load**: waiting requests whose adapter is not resident start a background load (others keep
+   decoding meanwhile).
+3. **Admit / prefill**: waiting requests whose adapter is resident take a KV row (up to
+   ``max_running``) and are prefilled together in one pass (linear layers batched over all
+   their tokens), up to ``prefill_chunk`` prompt tokens per step; a longer prompt is prefilled
+   in chunks over several steps (at most one such sequence, kept in the last row). A completed
+   prefill yields the first token, streamed at once.
+4. **Decode**: one forward pass over rows ``0..d-1`` (all fully prefilled sequences), each row
+   with its own position and LoRA slot; one token sampled per row and pushed to its stream.
+
+Stopping: a sampled token in ``stop_token_ids`` ends the sequence with ``finish_reason="stop"``
+and is *not* included in ``token_ids``; ``max_tokens`` or the context cap end it with
+``"length"``; `Scheduler.abort` ends it with ``"abort"``. A request past its deadline
+(``request_timeout_s`` after submission) fails with `hub.errors.Overloaded` if it was still
+waiting, else ends with ``"abort"``.
+
+Where the job ends: the scheduler orders work and streams tokens. Tensors are the runner's;
+residency is the adapter cache's; validating requests is the engine's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from hub.errors import Conflict, EngineUnavailable, LoradockError, Overloaded
+from serve.engine import GenerationRequest, TokenChunk
+from serve.runtime.adapter_cache import AdapterCache, NoRoom, Resident, adapter_key
+from serve.runtime.sampling import make_generator, sample
+from serve.runtime.stats import EngineStats
+from serve.runtime.stream import TokenSink
+
+if TYPE_CHECKING:
+    import torch
+
+    from serve.runtime.runner import ModelRunner
+
+
+@dataclass
+class Sequence:
+    """One request's state inside the scheduler."""
+
+    request: GenerationRequest
+    sink: TokenSink
+    deadline: float
+    submitted: float
+    key: str | None = None
+    generator: torch.Generator | None = None
+    resident: Resident | None = None
+    row: int = -1
+    prefilled: int = 0
+    position: int = 0
+    pending: int = -1
+    generated: int = 0
+    load_s: float = 0.0
+    waited_for_load: bool = False
+    loading: bool = False
+    load_error: BaseException | None = None
+    first_chunk: bool = True
+    finish: str | None = None
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def partial(self) -> bool:
+        """True while the prompt is only partly prefilled (the sequence has no token yet)."""
+        return self.finish is None and self.prefilled < len(self.request.prompt_ids)
+
+    @property
+    def slot(self) -> int:
+        """LoRA stack slot (-1: bare base)."""
+        return self.resident.slot if self.resident is not None else -1
+
+
+class Scheduler:
+    """Owns the waiting queue, the running set and the worker thread."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        cache: AdapterCache,
+        step_lock: threading.Lock,
+        *,
+        max_running: int,
+        max_queue: int,
+        prefill_chunk: int,
+        request_timeout_s: float,
+        stats: EngineStats,
+    ) -> None:
+        """Create a stopped scheduler (see `start`)."""
+        self.runner = runner
+        self.cache = cache
+        self.step_lock = step_lock
+        self.max_running = max_running
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.request_timeout_s = request_timeout_s
+        self.stats = stats
+        self.lock = threading.RLock()
+        self.wake = threading.Event()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # index == KV row
+        self.by_id: dict[str, Sequence] = {}
+        self.aborts: deque[str] = deque()
+        self.accepting = True
+        self.stopping = False
+        self.error: str = ""
+        self.thread: threading.Thread | None = None
+
+    # -- called from the event loop ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self.thread = threading.Thread(target=self._run, name="peft-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: GenerationRequest, sink: TokenSink) -> None:
+        """Queue a validated request.
+
+        Raises:
+            EngineUnavailable: Draining or stopped.
+            Conflict: A request with the same id is in flight.
+            Overloaded: The waiting queue is full.
+        """
+        now = time.monotonic()
+        with self.lock:
+            if not self.accepting:
+                raise EngineUnavailable("The engine is shutting down",
+                                        fix="Retry against another replica or after restart.")
+            if request.request_id in self.by_id:
+                raise Conflict(f"Request id {request.request_id!r} is already in flight",
+                               fix="Use a unique request id.", param="request_id")
+            if len(self.waiting) >= self.max_queue:
+                self.stats.rejected += 1
+                raise Overloaded(
+                    f"{len(self.waiting)} requests are already waiting (max_queue="
+                    f"{self.max_queue})",
+                    fix="Retry after the Retry-After delay.",
+                    retry_after_s=self.retry_after_s(),
+                )
+            seq = Sequence(request, sink, deadline=now + self.request_timeout_s, submitted=now)
+            if request.adapter is not None:
+                seq.key = adapter_key(request.adapter)
+            seq.generator = make_generator(request.params)
+            self.waiting.append(seq)
+            self.by_id[request.request_id] = seq
+        self.wake.set()
+
+    def retry_after_s(self) -> float:
+        """A guess at when a queue slot frees: one average request ahead, 1-60 s."""
+        per_token = self.stats.mean_step_s() or 0.1
+        return float(min(60.0, max(1.0, per_token * 64)))
+
+    def abort(self, request_id: str) -> None:
+        """Ask the worker to stop ``request_id`` (thread-safe, no-op when unknown)."""
+        self.aborts.append(request_id)
+        self.wake.set()
+
+    def counts(self) -> tuple[int, int]:
+        """``(running, waiting)``."""
+        with self.lock:
+            return len(self.running), len(self.waiting)
+
+    def stop(self) -> None:
+        """Stop accepting and end every request with ``abort``; the thread exits."""
+        with self.lock:
+            self.accepting = False
+            self.stopping = True
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout=60)
+
+    # -- the worker -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self.lock:
+                    busy = bool(self.running or self.waiting or self.aborts)
+                    if self.stopping:
+                        break
+                if not busy:
+                    self.wake.wait(timeout=1.0)
+                    self.wake.clear()
+                    continue
+                self.wake.clear()
+                try:
+                    self._step()
+                except Exception as exc:  # a bug: fail the running requests, keep serving
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    self._fail_running(EngineUnavailable(
+                        f"The engine failed during a forward pass ({type(exc).__name__})",
+                        fix="Retry; report the server log if it persists."))
+                with self.lock:
+                    idle_but_waiting = bool(self.waiting) and not self.running
+                if idle_but_waiting:  # waiting for loads: do not spin
+                    self.wake.wait(timeout=0.05)
+            self._abort_all()
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        with self.step_lock:
+            self._reap()
+            self._start_loads()
+            self._admit()
+            decoded = self._decode()
+        if decoded:
+            self.stats.record_step(time.perf_counter() - started)
+
+    # -- reap -------------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        aborted = set()
+        while self.aborts:
+            aborted.add(self.aborts.popleft())
+        with self.lock:
+            for seq in list(self.waiting):
+                rid = seq.request.request_id
+                if rid in aborted:
+                    self._finish_waiting(seq, None)
+                elif seq.load_error is not None:
+                    self._finish_waiting(seq, seq.load_error)
+                elif now > seq.deadline:
+                    self.stats.timeouts += 1
+                    self._finish_waiting(seq, Overloaded(
+                        f"Request waited {self.request_timeout_s:.0f} s for a slot",
+                        fix="Retry later.", retry_after_s=self.retry_after_s()))
+            for seq in self.running:
+                if seq.finish is None and (seq.request.request_id in aborted
+                                           or now > seq.deadline):
+                    if now > seq.deadline:
+                        self.stats.timeouts += 1
+                    seq.finish = "abort"
+                    self._push(seq, [], finish="abort")
+            self._compact()
+
+    def _finish_waiting(self, seq: Sequence, error: BaseException | None) -> None:
+        self.waiting.remove(seq)
+        self.by_id.pop(seq.request.request_id, None)
+        if error is None:
+            seq.sink.push(TokenChunk([], finish_reason="abort"))
+            seq.sink.close()
+        else:
+            seq.sink.fail(error)
+
+    def _compact(self) -> None:
+        """Drop finished rows, keeping rows compact: decoding rows first, a partial prefill last.
+
+        After a row is freed, the last row fills the hole; if the last row is a partially
+        prefilled sequence, the last decoding row fills the hole and the partial one moves just
+        behind it (two prefix copies instead of one).
+        """
+        cache = self.runner.cache
+        for seq in [s for s in self.running if s.finish is not None]:
+            self.running.remove(seq)
+            self.by_id.pop(seq.request.request_id, None)
+            if seq.key is not None and seq.resident is not None:
+                self.cache.release(seq.key)
+            seq.sink.close()
+            hole, used = seq.row, len(self.running)
+            if hole != used:  # row ``used`` is the last occupied one
+                last = self.running[-1]
+                if last.partial and hole != used - 1:
+                    before = self.running[-2]  # the last decoding row, ``used - 1``
+                    cache.move(before.row, hole)
+                    before.row = hole
+                    hole = used - 1
+                cache.move(last.row, hole)
+                last.row = hole
+                self.running.sort(key=lambda s: s.row)
+            cache.shrink(used)
+
+    # -- loads and admission ----------------------------------------------------------------
+
+    def _start_loads(self) -> None:
+        with self.lock:
+            wanted = [s for s in self.waiting if s.key is not None and s.load_error is None]
+        self.cache.protected = frozenset(s.key for s in wanted)
+        for seq in wanted:
+            if seq.loading or self.cache.get(seq.key) is not None:
+                continue
+            if not self.cache.is_loading(seq.key) and not self.cache.has_room():
+                continue  # every slot pinned or wanted: wait for running sequences to finish
+            seq.waited_for_load = seq.loading = True
+            future = self.cache.start_load(seq.request.adapter)
+            future.add_done_callback(lambda f, s=seq: self._load_done(s, f))
+
+    def _load_done(self, seq: Sequence, future) -> None:
+        seq.loading = False
+        if future.cancelled():
+            seq.load_error = EngineUnavailable("The engine is shutting down", fix="Retry later.")
+            self.wake.set()
+            return
+        error = future.exception()
+        if error is not None and not isinstance(error, NoRoom):
+            seq.load_error = error if isinstance(error, LoradockError) else EngineUnavailable(
+                f"Loading adapter {seq.key} failed ({type(error).__name__}: {error})",
+                fix="Check the adapter with `loradock hub verify`.")
+        elif error is None:
+            seq.load_s = future.result().load_s
+        self.wake.set()
+
+    def _admit(self) -> None:
+        """Prefill the partial sequence and newly admitted ones, up to the token budget."""
+        budget = self.prefill_chunk
+        batch: list[tuple[Sequence, int]] = []
+        partial = [s for s in self.running if s.partial]
+        if partial:  # finish the partial prefill before admitting anyone else
+            seq = partial[0]
+            n = min(budget, len(seq.request.prompt_ids) - seq.prefilled)
+            batch.append((seq, n))
+            budget -= n
+            if seq.prefilled + n < len(seq.request.prompt_ids):
+                budget = 0
+        while budget > 0:
+            with self.lock:
+                if len(self.running) >= self.max_running:
+                    break
+                seq = self._next_ready()
+                if seq is None:
+                    break
+                self.waiting.remove(seq)
+                seq.row = self.runner.cache.allocate()
+                self.running.append(seq)
+            n = min(budget, len(seq.request.prompt_ids))
+            batch.append((seq, n))
+            budget -= n
+            if n < len(seq.request.prompt_ids):
+                break  # this one stays partial, in the last row
+        if batch:
+            self._prefill(batch)
+
+    def _next_ready(self) -> Sequence | None:
+        for seq in self.waiting:
+            if seq.key is None:
+                return seq
+            resident = self.cache.acquire(seq.key)
+            if resident is not None:
+                seq.resident = resident
+                return seq
+        return None
+
+    def _prefill(self, batch: list[tuple[Sequence, int]]) -> None:
+        """Run ``(sequence, tokens)`` prompt chunks in one pass; finished prompts get a token."""
+        chunks = [(s.row, s.request.prompt_ids[s.prefilled:s.prefilled + n], s.prefilled, s.slot)
+                  for s, n in batch]
+        started = time.perf_counter()
+        try:
+            logits = self.runner.prefill(chunks)
+        except LoradockError as exc:
+            for seq, _ in batch:
+                seq.finish = "abort"
+                seq.sink.fail(exc)
+            return
+        self.stats.prefill_s += time.perf_counter() - started
+        done, rows = [], []
+        for index, (seq, n) in enumerate(batch):
+            seq.prefilled += n
+            self.stats.prefill_tokens += n
+            if seq.prefilled == len(seq.request.prompt_ids):
+                seq.position = seq.prefilled
+                self.stats.ttft.append(time.monotonic() - seq.submitted)
+                done.append(seq)
+                rows.append(index)
+        if done:
+            self._accept_many(done, logits[rows])
+
+    # -- decode -----------------------------------------------------------------------------
+
+    def _decode(self) -> bool:
+        with self.lock:
+            self._compact()  # sequences that finished at prefill leave before the pass
+        rows = [s for s in self.running if not s.partial]  # a partial prefill is the last row
+        if not rows:
+            return False
+        assert all(s.row == i for i, s in enumerate(rows)), "KV rows out of order"
+        started, cpu = time.perf_counter(), time.process_time()
+        logits = self.runner.decode([s.pending for s in rows], [s.position for s in rows],
+                                    [s.slot for s in rows])
+        self.stats.decode_s += time.perf_counter() - started
+        self.stats.decode_cpu_s += time.process_time() - cpu
+        self.stats.record_batch([s.key for s in rows])
+        for seq in rows:
+            seq.position += 1
+        self._accept_many(rows, logits)
+        return True
+
+    def _accept_many(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        choices = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        for seq, choice in zip(seqs, choices, strict=True):
+            params = seq.request.params
+            token = choice.token_id
+            if token in params.stop_token_ids:
+                seq.finish = "stop"
+                self._push(seq, [], finish="stop")
+                continue
+            seq.generated += 1
+            self.stats.generated_tokens += 1
+            finish = None
+            if seq.generated >= params.max_tokens or seq.position + 1 >= self.runner.max_len:
+                finish = "length"
+            seq.pending = token
+            seq.finish = finish
+            self._push(seq, [token], finish=finish,
+                       logprobs=[choice.logprob] if params.logprobs else None,
+                       top=[choice.top_logprobs or {}] if params.top_logprobs else None)
+
+    def _push(self, seq: Sequence, tokens: list[int], *, finish: str | None,
+              logprobs: list[float] | None = None, top: list[dict[int, float]] | None = None,
+              ) -> None:
+        chunk = TokenChunk(list(tokens), logprobs=logprobs, top_logprobs=top,
+                           finish_reason=finish)  # type: ignore[arg-type]
+        if seq.first_chunk:
+            seq.first_chunk = False
+            chunk.prompt_tokens = len(seq.request.prompt_ids)
+            chunk.adapter_load_s = seq.load_s if seq.waited_for_load else 0.0
+        if not seq.sink.push(chunk) and seq.finish is None:
+            seq.finish = "abort"  # the consumer's loop is gone
+
+    def _fail_running(self, error: BaseException) -> None:
+        with self.step_lock, self.lock:
+            for seq in self.running:
+                if seq.finish is None:
+                    seq.finish = "abort"
+                    seq.sink.fail(error)
+            self._compact()
+
+    def _abort_all(self) -> None:
+        with self.step_lock, self.lock:
+            for seq in list(self.waiting):
+                self._finish_waiting(seq, None)
+            for seq in self.running:
+                if seq.finish is None:
+                    seq.finish = "abort"
+                    self._push(seq, [], finish="abort")
+            self._compact()

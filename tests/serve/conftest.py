@@ -1,0 +1,23 @@
+"""Fixtures shared by the serve tests."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def formatter(base_info):
+    """The real SmolLM2 tokenizer wrapped in `serve.chat.Formatter` (loaded once)."""
+    from serve.chat import Formatter
+
+    return Formatter(base_info)
+
+
+@pytest.fixture(scope="module")
+def module_store(base_info, tmp_path_factory):
+    """One store per test module (registering the base in a fresh index hashes its weights,
+    ~2 s, so function-scoped stores would dominate the HTTP tests' run time)."""
+    from hub.store import Store
+    from tests.conftest import TEST_CACHE
+
+    return Store(tmp_path_factory.mktemp("serve-home"), cache=TEST_CACHE / "bases")

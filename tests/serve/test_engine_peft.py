@@ -1,0 +1,347 @@
+"""The peft engine in-process on the real SmolLM2 and real PEFT adapters.
+
+Greedy outputs are checked token for token against PEFT itself (transformers fp32 model +
+``PeftModel.from_pretrained`` + ``generate(do_sample=False)``), alone and mixed in one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from hub.errors import Conflict, EngineUnavailable, InvalidInput, Overloaded, Unsupported
+from serve.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, create_engine
+
+MAX_TOKENS = 16
+_ids = itertools.count()
+
+# Adapters: distinct seeds, ranks and targets (and PEFT's scaling variants) so that padding,
+# per-module targeting, rsLoRA and alpha/rank patterns are all exercised against PEFT.
+ADAPTERS = {
+    "wide": dict(seed=1, r=16, targets="all-linear", use_rslora=True, scale=0.1),
+    "qv": dict(seed=2, r=8, targets=("q_proj", "v_proj"), scale=0.2,
+               rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 32}),
+    "mlp": dict(seed=3, r=4, targets=("gate_proj", "down_proj"), scale=0.3),
+    "attn": dict(seed=4, r=32, alpha=32, targets=("k_proj", "o_proj"), scale=0.1),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_info):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_info.path)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    def chat(text: str) -> list[int]:
+        return list(tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+            return_dict=False))
+
+    return [chat("Name three colours of the rainbow."), chat("What is two plus two?")]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def start_engine(base_info, **kwargs):
+    config = EngineConfig(base=base_info, base_dtype="fp32", max_model_len=512, **kwargs)
+    engine = create_engine("peft", config)
+    run(engine.start())
+    return engine
+
+
+def request(prompt, record=None, max_tokens=MAX_TOKENS, **params) -> GenerationRequest:
+    params.setdefault("temperature", 0.0)
+    params.setdefault("stop_token_ids", [2])
+    return GenerationRequest(f"req-{next(_ids)}", list(prompt), record,
+                             SamplingParams(max_tokens=max_tokens, **params))
+
+
+async def collect(engine, req):
+    chunks = [chunk async for chunk in engine.generate(req)]
+    return [t for c in chunks for t in c.token_ids], chunks
+
+
+def peft_reference(base_model, prompt, adapter_path=None, max_tokens=MAX_TOKENS):
+    import torch
+    from peft import PeftModel
+
+    model = base_model if adapter_path is None else PeftModel.from_pretrained(base_model,
+                                                                              adapter_path)
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                 dtype=torch.long), max_new_tokens=max_tokens,
+                                 do_sample=False, eos_token_id=2, pad_token_id=2)
+    finally:
+        if adapter_path is not None:
+            model.unload()
+    tokens = out[0, len(prompt):].tolist()
+    return tokens[:tokens.index(2)] if 2 in tokens else tokens
+
+
+@pytest.fixture(scope="module")
+def engine(base_info):
+    # prefill_chunk=16 makes the ~30-token prompts prefill in two chunks (the chunked path);
+    # the sgmv kernel is what "auto" uses for batches of more than 4 adapters.
+    engine = start_engine(base_info, max_adapters=4,
+                          options={"prefill_chunk": 16, "lora_kernel": "sgmv"})
+    assert isinstance(engine, Engine)
+    yield engine
+    run(engine.shutdown(drain_timeout_s=5))
+
+
+def test_greedy_matches_peft_for_base_and_two_adapters(engine, store, adapter_factory,
+                                                       base_model, prompts):
+    wide = store.register(adapter_factory(**ADAPTERS["wide"]), "wide")
+    qv = store.register(adapter_factory(**ADAPTERS["qv"]), "qv")
+    prompt = prompts[0]
+    assert len(prompt) > 16  # chunked prefill
+    cases = [(None, None), (wide, wide.path), (qv, qv.path)]
+    wanted = [peft_reference(base_model, prompt, path) for _, path in cases]
+    assert len({tuple(w) for w in wanted}) == 3, "adapters must change the greedy output"
+
+    async def go():
+        return await asyncio.gather(*(collect(engine, request(prompt, rec)) for rec, _ in cases))
+
+    results = run(go())
+    for (record, _), want, (got, chunks) in zip(cases, wanted, results, strict=True):
+        label = record.name if record else "base"
+        assert got == want, label
+        assert len(chunks) > 1, f"{label}: tokens were not streamed"
+        assert chunks[0].prompt_tokens == len(prompt)
+        assert chunks[-1].finish_reason in ("stop", "length")
+        if record is not None:
+            assert chunks[0].adapter_load_s > 0  # cold: loaded for this request
+    warm, _ = run(collect(engine, request(prompt, wide)))
+    assert warm == wanted[1]
+    assert "wide@1" in engine.health().resident_adapters
+
+
+def test_four_adapters_batched_together_return_their_solo_output(engine, store,
+                                                                 adapter_factory, prompts):
+    records = [store.register(adapter_factory(**spec), name) for name, spec in ADAPTERS.items()]
+    for record in records:
+        assert run(engine.load_adapter(record)) >= 0.0
+    prompt = prompts[1]
+    solo = [run(collect(engine, request(prompt, rec)))[0] for rec in records]
+    assert len({tuple(s) for s in solo}) == 4, "each adapter must give its own output"
+    before = engine.stats()
+
+    async def together():
+        return await asyncio.gather(*(collect(engine, request(prompt, rec)) for rec in records))
+
+    mixed = [tokens for tokens, _ in run(together())]
+    after = engine.stats()
+    assert mixed == solo
+    assert after["mixed_steps"] > before["mixed_steps"]
+    assert after["max_adapters_in_step"] >= 4
+
+
+def test_new_version_registered_while_streaming(engine, store, adapter_factory, prompts):
+    v1 = store.register(adapter_factory(seed=11, r=8, scale=0.3), "bot")
+    prompt = prompts[1]
+
+    async def go():
+        resolved = store.resolve("smollm2+bot").adapter
+        assert resolved.version == 1
+        streams = [engine.generate(request(prompt, resolved)) for _ in range(3)]
+        firsts = [await s.__anext__() for s in streams]  # all three are streaming now
+        v2 = store.register(adapter_factory(seed=12, r=8, scale=0.3), "bot")
+        rests = await asyncio.gather(*(_drain(s) for s in streams))
+        old = [f.token_ids + rest for f, rest in zip(firsts, rests, strict=True)]
+        newest = store.resolve("smollm2+bot").adapter
+        tokens, chunks = await collect(engine, request(prompt, newest))
+        return v2, old, newest, tokens, chunks
+
+    v2, old, newest, tokens, chunks = run(go())
+    assert newest.version == v2.version == 2
+    assert old[0] == old[1] == old[2]
+    assert tokens != old[0], "the new version must give its own output"
+    assert chunks[0].adapter_load_s > 0
+    resident = engine.health().resident_adapters
+    assert "bot@2" in resident and "bot@1" in resident
+    assert v1.version == 1
+
+
+async def _drain(stream):
+    return [t async for chunk in stream for t in chunk.token_ids]
+
+
+def test_lru_eviction_and_pinning(base_info, store, adapter_factory, prompts):
+    recs = {n: store.register(adapter_factory(seed=20 + i, r=4, scale=0.2), n)
+            for i, n in enumerate("abcd")}
+    engine = start_engine(base_info, max_adapters=2)
+    try:
+        async def go():
+            await engine.load_adapter(recs["a"])
+            await engine.load_adapter(recs["b"])
+            await collect(engine, request(prompts[1], recs["a"], max_tokens=2))  # a: recent
+            await engine.load_adapter(recs["c"])  # evicts b, the least recently used
+            assert sorted(engine.health().resident_adapters) == ["a@1", "c@1"]
+            pinned = engine.generate(request(prompts[1], recs["c"], max_tokens=400,
+                                             stop_token_ids=[]))
+            await pinned.__anext__()
+            with pytest.raises(Conflict):
+                await engine.unload_adapter("c@1")
+            await engine.load_adapter(recs["d"])  # evicts a, never the pinned c
+            assert sorted(engine.health().resident_adapters) == ["c@1", "d@1"]
+            await engine.load_adapter(recs["b"])  # evicts d
+            assert sorted(engine.health().resident_adapters) == ["b@1", "c@1"]
+            await pinned.aclose()
+            for _ in range(200):
+                if engine.health().running == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert await engine.unload_adapter("c@1") is True
+            assert await engine.unload_adapter("c@1") is False
+
+        run(go())
+        assert engine.stats()["adapter_evictions"] >= 3
+    finally:
+        run(engine.shutdown(drain_timeout_s=5))
+
+
+def test_overloaded_abort_and_drain(base_info, store, prompts):
+    engine = start_engine(base_info, max_running=1, max_queue=1)
+    try:
+        async def go():
+            first = engine.generate(request(prompts[1], max_tokens=400, stop_token_ids=[]))
+            await first.__anext__()  # running: holds the only slot
+            second = engine.generate(request(prompts[1], max_tokens=3))  # waits in the queue
+            with pytest.raises(Overloaded) as info:
+                engine.generate(request(prompts[1], max_tokens=3))
+            assert info.value.retry_after_s >= 1
+            assert engine.health().waiting == 1
+            await engine.abort(first.request_id)
+            rest = [c async for c in first]
+            assert rest[-1].finish_reason == "abort"
+            tokens, = [t for c in [c async for c in second] for t in c.token_ids],
+            assert len(tokens) == 3
+            third = engine.generate(request(prompts[1], max_tokens=400, stop_token_ids=[]))
+            await third.__anext__()
+            await third.aclose()  # a client that goes away frees its slot
+            for _ in range(200):
+                if engine.health().running == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert engine.health().running == 0
+            # Drain: a running request finishes, new ones are refused.
+            last = engine.generate(request(prompts[1], max_tokens=4, stop_token_ids=[]))
+            drain = asyncio.create_task(engine.shutdown(drain_timeout_s=60))
+            got = [c async for c in last]
+            await drain
+            assert got[-1].finish_reason == "length"
+            assert sum(len(c.token_ids) for c in got) == 4
+            with pytest.raises(EngineUnavailable):
+                engine.generate(request(prompts[1]))
+
+        run(go())
+    finally:
+        run(engine.shutdown(drain_timeout_s=1))
+
+
+def test_refusals_and_sampling(engine, store, adapter_factory, prompts):
+    dora = store.register(adapter_factory(seed=5, r=4, use_dora=True), "dora")
+    with pytest.raises(Unsupported):
+        run(_start(engine, request(prompts[1], dora)))
+    too_long = [1] * 600
+    with pytest.raises(InvalidInput) as info:
+        run(_start(engine, request(too_long)))
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(InvalidInput):
+        run(_start(engine, request([1, 10**9])))
+
+    params = dict(temperature=0.9, top_p=0.9, seed=7, logprobs=True, top_logprobs=3)
+    one, chunks = run(collect(engine, request(prompts[0], max_tokens=8, **params)))
+    two, _ = run(collect(engine, request(prompts[0], max_tokens=8, **params)))
+    assert one == two  # same seed, same tokens
+    logprobs = [lp for c in chunks for lp in (c.logprobs or [])]
+    tops = [t for c in chunks for t in (c.top_logprobs or [])]
+    assert len(logprobs) == len(tops) == len(one)
+    assert all(lp <= 0 for lp in logprobs) and all(len(t) == 3 for t in tops)
+
+
+async def _start(engine, req):
+    stream = engine.generate(req)
+    await stream.aclose()
+
+
+def test_request_timeout(base_info, prompts):
+    engine = start_engine(base_info, max_running=1, options={"request_timeout_s": 4.0})
+    try:
+        async def go():
+            # Submitted together: the first runs, the second waits for the only slot; both
+            # reach their deadline in the same step.
+            running = engine.generate(request(prompts[1], max_tokens=2000, stop_token_ids=[]))
+            waiting = engine.generate(request(prompts[1], max_tokens=2))
+            chunks = [c async for c in running]
+            assert chunks[-1].finish_reason == "abort"  # stopped at its deadline
+            with pytest.raises(Overloaded):  # still waiting at its deadline
+                await waiting.__anext__()
+
+        run(go())
+        assert engine.stats()["timeouts"] == 2
+    finally:
+        run(engine.shutdown(drain_timeout_s=1))
+
+
+def test_changed_adapter_files_are_refused(engine, store, adapter_factory, prompts):
+    import os
+    import stat
+
+    from hub.errors import StoreCorrupt
+
+    record = store.register(adapter_factory(seed=30, r=4), "tampered")
+    weights = record.path / "adapter_model.safetensors"
+    os.chmod(weights, stat.S_IRUSR | stat.S_IWUSR)
+    with open(weights, "r+b") as fh:  # flip one byte inside the tensor data
+        fh.seek(-3, os.SEEK_END)
+        byte = fh.read(1)
+        fh.seek(-3, os.SEEK_END)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+    async def go():
+        stream = engine.generate(request(prompts[1], record, max_tokens=2))
+        with pytest.raises(StoreCorrupt):
+            await stream.__anext__()
+
+    run(go())
+    assert "tampered@1" not in engine.health().resident_adapters
+
+
+CAPABILITY_CASES = [
+    ("dora", dict(use_dora=True)),
+    ("modules_to_save", dict(modules_to_save=["lm_head"])),
+    ("embedding lora", dict(targets_embeddings=True)),
+    ("rank over cap", dict(rank=128)),
+]
+
+
+@pytest.mark.parametrize(("label", "caps"), CAPABILITY_CASES, ids=[c[0] for c in CAPABILITY_CASES])
+def test_capabilities_refused_before_loading(label, caps, tmp_path):
+    from hub.manifest import Capabilities
+    from hub.store import AdapterRecord
+    from serve.runtime.adapter_files import check_capabilities
+
+    fields = dict(rank=8, alpha=16, target_modules=["q_proj"]) | caps
+    record = AdapterRecord("x", 1, "smollm2", tmp_path, {}, Capabilities(**fields))
+    with pytest.raises(Unsupported):
+        check_capabilities(record, max_rank=64)
+
+
+def test_unsupported_architecture_is_refused_by_name(tmp_path):
+    import json
+
+    from serve.runtime.base import check_architecture
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(Unsupported) as info:
+        check_architecture(tmp_path)
+    assert "gpt2" in info.value.message

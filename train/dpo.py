@@ -1,0 +1,78 @@
+"""Preference tuning: canonical preference rows -> a TRL ``DPOTrainer`` on the 4-bit base.
+
+The policy is a LoRA over the quantised base: a fresh one, or a parent adapter (e.g. an SFT
+adapter from the hub) loaded trainable. TRL then keeps a frozen copy of the starting adapter as
+the reference (adapter ``ref``), so the reference model is "base + parent", not the bare base;
+for a fresh adapter the copy is a zero update, i.e. the base. Only the ``default`` adapter is
+published (`train.run` saves with ``selected_adapters=["default"]``).
+
+Where the job ends: this module builds the trainer; `train.run` runs and publishes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from train.args import common_args, early_stopping_callbacks
+from train.quant import QuantSpec, match_adapter_dtype
+from train.recipe import Recipe
+
+
+def dpo_dataset(rows: Sequence[dict[str, Any]]) -> Any:
+    """A ``datasets.Dataset`` of conversational ``prompt``/``chosen``/``rejected`` rows."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [dict(m) for m in r["prompt"]],
+                "chosen": [dict(m) for m in r["chosen"]],
+                "rejected": [dict(m) for m in r["rejected"]],
+            }
+            for r in rows
+        ]
+    )
+
+
+def build_dpo_trainer(
+    recipe: Recipe,
+    model: Any,
+    tokenizer: Any,
+    train_rows: Sequence[dict[str, Any]],
+    val_rows: Sequence[dict[str, Any]],
+    *,
+    spec: QuantSpec,
+    checkpoints: Path,
+    callbacks: list,
+    progress: bool = True,
+) -> Any:
+    """Build a ``DPOTrainer`` for a LoRA-wrapped 4-bit model (arguments as `build_sft_trainer`).
+
+    Returns:
+        The trainer, ready for ``train()``.
+    """
+    from trl import DPOConfig, DPOTrainer
+
+    args = common_args(recipe, spec, checkpoints, progress=progress)
+    if not val_rows:
+        args.update(eval_strategy="no", eval_steps=None, load_best_model_at_end=False,
+                    metric_for_best_model=None, greater_is_better=None)
+    config = DPOConfig(
+        **args,
+        max_length=recipe.max_seq_len,
+        beta=recipe.beta,
+        precompute_ref_log_probs=False,
+        dataset_num_proc=None,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=dpo_dataset(train_rows),
+        eval_dataset=dpo_dataset(val_rows) if val_rows else None,
+        processing_class=tokenizer,
+        callbacks=[*callbacks, *(early_stopping_callbacks(recipe) if val_rows else [])],
+    )
+    match_adapter_dtype(trainer.model, spec)
+    return trainer

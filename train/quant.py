@@ -1,0 +1,213 @@
+"""QLoRA's frozen half: the base loaded in 4-bit NF4 with double quantisation, and LoRA on top.
+
+Compute dtype is chosen by device: float32 on CPU (no native bf16 here; bf16 compute made a step
+~10x slower), bfloat16 on CUDA. `QuantSpec.record` is what the manifest stores.
+
+TRL casts LoRA parameters of a quantised model to bf16 (the QLoRA paper's choice for GPUs);
+`match_adapter_dtype` casts them back to the compute dtype on CPU, where bf16 is slow.
+
+Where the job ends: this module loads and wraps the model. Building trainers is `train.sft` and
+`train.dpo`; what the adapter folder holds is `train.run`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Device = Literal["cpu", "cuda"]
+
+
+def pick_device() -> Device:
+    """Return ``cuda`` when a CUDA GPU is visible, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the base is quantised for training.
+
+    Attributes:
+        device: ``cpu`` or ``cuda``.
+        compute_dtype: ``float32`` on CPU, ``bfloat16`` on CUDA.
+        quant_type: bitsandbytes 4-bit type (``nf4``).
+        double_quant: Quantise the quantisation constants too.
+    """
+
+    device: Device
+    compute_dtype: str
+    quant_type: str = "nf4"
+    double_quant: bool = True
+
+    @classmethod
+    def for_device(cls, device: Device) -> QuantSpec:
+        """The loradock default for ``device``."""
+        return cls(device=device, compute_dtype="bfloat16" if device == "cuda" else "float32")
+
+    def torch_dtype(self) -> Any:
+        """The compute dtype as a ``torch.dtype``."""
+        import torch
+
+        return getattr(torch, self.compute_dtype)
+
+    def bnb_config(self) -> Any:
+        """A transformers ``BitsAndBytesConfig`` for this spec."""
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=self.torch_dtype(),
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's ``quantization`` section."""
+        return {
+            "load_in_4bit": True,
+            "quant_type": self.quant_type,
+            "double_quant": self.double_quant,
+            "compute_dtype": self.compute_dtype,
+        }
+
+
+def load_quantized_base(base_path: Path, spec: QuantSpec, *, gradient_checkpointing: bool) -> Any:
+    """Load an HF base folder in 4-bit and prepare it for k-bit training.
+
+    Args:
+        base_path: The base's HF folder (``BaseInfo.path``).
+        spec: Quantisation settings.
+        gradient_checkpointing: Passed to PEFT's ``prepare_model_for_kbit_training``.
+
+    Returns:
+        The quantised ``PreTrainedModel`` (its linear layers are bitsandbytes ``Linear4bit``).
+    """
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {}
+    if spec.device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_path),
+        quantization_config=spec.bnb_config(),
+        dtype=spec.torch_dtype(),
+        trust_remote_code=False,
+        **kwargs,
+    )
+    model.config.use_cache = False
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing
+    )
+
+
+def lora_config(
+    r: int, alpha: float, dropout: float, target_modules: list[str] | str
+) -> Any:
+    """A PEFT ``LoraConfig`` for causal LM training."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model: Any, config: Any | None, parent_dir: Path | None) -> Any:
+    """Wrap ``model`` in a trainable LoRA: a fresh one from ``config`` or a parent adapter.
+
+    Args:
+        model: The quantised base.
+        config: ``LoraConfig`` for a fresh adapter (ignored when ``parent_dir`` is given).
+        parent_dir: Adapter folder to continue training from.
+
+    Returns:
+        A ``PeftModel`` whose only trainable parameters are the LoRA weights.
+    """
+    from peft import PeftModel, get_peft_model
+
+    if parent_dir is not None:
+        return PeftModel.from_pretrained(model, str(parent_dir), is_trainable=True)
+    return get_peft_model(model, config)
+
+
+def match_adapter_dtype(model: Any, spec: QuantSpec) -> int:
+    """Cast trainable parameters to the compute dtype (undoing TRL's bf16 cast on CPU).
+
+    Returns:
+        How many parameters were cast.
+    """
+    dtype = spec.torch_dtype()
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """Return (trainable, total) parameter counts; 4-bit weights count as their real size."""
+    trainable = 0
+    total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if getattr(param, "quant_state", None) is not None or type(param).__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def four_bit_modules(model: Any) -> list[str]:
+    """Names of bitsandbytes ``Linear4bit`` modules (the quantised base under the LoRA)."""
+    import bitsandbytes as bnb
+
+    return [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+
+
+def dequantized_base(base_path: Path, spec: QuantSpec) -> Any:
+    """The base as QLoRA training saw it, in plain float layers: NF4 weights dequantised.
+
+    A QLoRA adapter learns on the 4-bit weights; applied to the original full-precision weights
+    it meets a different model (on SmolLM2 the demo adapter's exact match fell from 0.93 to
+    0.73). This loads the base in 4-bit exactly as training does, dequantises every
+    ``Linear4bit`` weight once, and returns an ordinary model with those values: the same numbers
+    as 4-bit compute, at full-precision speed, usable by PEFT, evaluation and merging.
+
+    Args:
+        base_path: The base's HF folder.
+        spec: The quantisation the adapter was trained with (its manifest's ``quantization``).
+
+    Returns:
+        A ``PreTrainedModel`` in ``spec``'s compute dtype with no bitsandbytes layers.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quantized = load_quantized_base(base_path, spec, gradient_checkpointing=False)
+    weights = {
+        name: bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        for name, module in quantized.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+    }
+    del quantized
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_path), dtype=spec.torch_dtype(), trust_remote_code=False
+    )
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, weight in weights.items():
+            target = modules[name].weight
+            target.copy_(weight.to(target.dtype).reshape(target.shape))
+    model.eval()
+    return model

@@ -1,0 +1,103 @@
+"""Supervised fine-tuning: canonical chat rows -> a TRL ``SFTTrainer`` on the 4-bit base.
+
+Loss is on assistant tokens only (``assistant_only_loss``): the tokenizer gets the training copy
+of the base template with ``{% generation %}`` markers (`train.template`), checked first to
+render exactly like the original. The original template is what the adapter folder keeps.
+
+Where the job ends: this module builds the trainer. Running it, checkpoints and publishing the
+adapter folder are `train.run`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from train.args import common_args, early_stopping_callbacks
+from train.quant import QuantSpec, match_adapter_dtype
+from train.recipe import Recipe
+from train.template import add_generation_markers, check_same_rendering
+
+
+def with_system_prompt(messages: list[dict[str, str]], system_prompt: str) -> list[dict]:
+    """Prepend ``system_prompt`` as a system turn when set and the conversation has none."""
+    if not system_prompt or (messages and messages[0].get("role") == "system"):
+        return [dict(m) for m in messages]
+    return [{"role": "system", "content": system_prompt}, *(dict(m) for m in messages)]
+
+
+def sft_dataset(rows: Sequence[dict[str, Any]]) -> Any:
+    """A ``datasets.Dataset`` of ``{"messages": [...]}`` from canonical SFT rows."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"messages": [dict(m) for m in r["messages"]]} for r in rows])
+
+
+def use_training_template(tokenizer: Any) -> str:
+    """Give ``tokenizer`` the generation-marker copy of its template; return the original.
+
+    Raises:
+        Unsupported: When no equivalent marked template can be derived.
+    """
+    original = tokenizer.chat_template
+    training = add_generation_markers(original)
+    check_same_rendering(original, training)
+    tokenizer.chat_template = training
+    return original
+
+
+def build_sft_trainer(
+    recipe: Recipe,
+    model: Any,
+    tokenizer: Any,
+    train_rows: Sequence[dict[str, Any]],
+    val_rows: Sequence[dict[str, Any]],
+    *,
+    spec: QuantSpec,
+    checkpoints: Path,
+    callbacks: list,
+    progress: bool = True,
+) -> Any:
+    """Build an ``SFTTrainer`` for a LoRA-wrapped 4-bit model.
+
+    Args:
+        recipe: The validated recipe.
+        model: ``PeftModel`` over the quantised base (`train.quant.attach_lora`).
+        tokenizer: The base tokenizer (its template is swapped for the training copy when
+            ``assistant_only_loss`` is on).
+        train_rows: Canonical SFT rows of the train split.
+        val_rows: Canonical SFT rows of the validation split (may be empty).
+        spec: Device and compute dtype.
+        checkpoints: Checkpoint folder.
+        callbacks: Extra trainer callbacks (metrics logging...).
+        progress: Show progress bars.
+
+    Returns:
+        The trainer, ready for ``train()``.
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    if recipe.assistant_only_loss:
+        use_training_template(tokenizer)
+    args = common_args(recipe, spec, checkpoints, progress=progress)
+    if not val_rows:
+        args.update(eval_strategy="no", eval_steps=None, load_best_model_at_end=False,
+                    metric_for_best_model=None, greater_is_better=None)
+    config = SFTConfig(
+        **args,
+        max_length=recipe.max_seq_len,
+        assistant_only_loss=recipe.assistant_only_loss,
+        packing=False,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=sft_dataset(train_rows),
+        eval_dataset=sft_dataset(val_rows) if val_rows else None,
+        processing_class=tokenizer,
+        callbacks=[*callbacks, *(early_stopping_callbacks(recipe) if val_rows else [])],
+    )
+    match_adapter_dtype(trainer.model, spec)
+    return trainer
