@@ -98,6 +98,8 @@ def main() -> None:
 
     banner("3. QLoRA training, evaluation, model card, registration")
     adapter_dir = OUT / ADAPTER
+    # The demo's own work folder from an interrupted earlier run (a user's run would --resume).
+    shutil.rmtree(OUT / f"{ADAPTER}.work", ignore_errors=True)
     run("train", str(RECIPE), "--out", str(adapter_dir), "--set", "overwrite=true",
         "--register", ADAPTER)
     report = adapter_dir / "eval_report.md"
