@@ -14,6 +14,7 @@ inside the chosen engine's module, when `create_engine` imports it.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -151,6 +152,19 @@ class Engine(Protocol):
 
     def health(self) -> EngineHealth:
         """Current state, cheap to call."""
+
+
+def adapter_key(adapter: AdapterRecord) -> str:
+    """``NAME@V``: how every engine names a resident adapter."""
+    return f"{adapter.name}@{adapter.version}"
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 ENGINES: dict[str, str] = {

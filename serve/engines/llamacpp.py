@@ -52,7 +52,14 @@ from hub.errors import (
 from hub.files import atomic_file, sha256_file
 from hub.names import validate_name
 from hub.store import AdapterRecord
-from serve.engine import EngineConfig, EngineHealth, GenerationRequest, TokenChunk
+from serve.engine import (
+    EngineConfig,
+    EngineHealth,
+    GenerationRequest,
+    TokenChunk,
+    adapter_key,
+    cpu_count,
+)
 from serve.runtime.stream import TokenSink, TokenStream
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -109,18 +116,6 @@ class _Job:
     request: GenerationRequest
     sink: TokenSink
     key: str | None
-
-
-def adapter_key(adapter: AdapterRecord) -> str:
-    """``NAME@V``: how engines name a resident adapter."""
-    return f"{adapter.name}@{adapter.version}"
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class LlamaCppEngine:
@@ -192,7 +187,7 @@ class LlamaCppEngine:
             raise Unsupported("This llama-cpp-python build has no GPU support",
                               fix="Use --device cpu, or install a CUDA build of llama-cpp-python.",
                               param="device")
-        threads = cfg.threads or _cpu_count()
+        threads = cfg.threads or cpu_count()
         started = time.perf_counter()
         llm = llama_cpp.Llama(
             model_path=str(path), n_ctx=cfg.max_model_len,

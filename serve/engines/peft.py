@@ -214,7 +214,7 @@ class PeftEngine:
             Conflict: Every slot holds an adapter with requests in flight.
             StoreCorrupt: Its files changed since registration.
         """
-        from serve.runtime.adapter_cache import adapter_key
+        from serve.engine import adapter_key
         from serve.runtime.adapter_files import check_capabilities
 
         self._require_running()

@@ -62,7 +62,14 @@ from hub.errors import (
     Unsupported,
 )
 from hub.store import AdapterRecord
-from serve.engine import EngineConfig, EngineHealth, GenerationRequest, TokenChunk
+from serve.engine import (
+    EngineConfig,
+    EngineHealth,
+    GenerationRequest,
+    TokenChunk,
+    adapter_key,
+    cpu_count,
+)
 
 # The ranks vLLM 0.32 accepts for max_lora_rank (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -148,18 +155,6 @@ def lora_int_id(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % (2**31 - 1) + 1
 
 
-def adapter_key(adapter: AdapterRecord) -> str:
-    """``NAME@V``."""
-    return f"{adapter.name}@{adapter.version}"
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 class VllmEngine:
     """vLLM's AsyncLLM behind `serve.engine.Engine` (see the module docstring)."""
 
@@ -241,7 +236,7 @@ class VllmEngine:
 
     def _set_environment(self) -> None:
         """Environment vLLM reads when it starts its engine processes (user values win)."""
-        threads = self.config.threads or _cpu_count()
+        threads = self.config.threads or cpu_count()
         for key, value in (("VLLM_HOST_IP", "127.0.0.1"), ("VLLM_NO_USAGE_STATS", "1"),
                            ("VLLM_DO_NOT_TRACK", "1"), ("OMP_WAIT_POLICY", "PASSIVE"),
                            ("VLLM_CPU_KVCACHE_SPACE", str(self.options.kv_cache_gib)),

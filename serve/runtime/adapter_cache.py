@@ -26,15 +26,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hub.errors import Conflict
+from serve.engine import adapter_key
 
 if TYPE_CHECKING:
     from hub.store import AdapterRecord
     from serve.runtime.lora import AdapterWeights, LoraStack
-
-
-def adapter_key(record: AdapterRecord) -> str:
-    """The cache key of an adapter version: ``NAME@V``."""
-    return f"{record.name}@{record.version}"
 
 
 class NoRoom(Conflict):

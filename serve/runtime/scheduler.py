@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hub.errors import Conflict, EngineUnavailable, LoradockError, Overloaded
-from serve.engine import GenerationRequest, TokenChunk
-from serve.runtime.adapter_cache import AdapterCache, NoRoom, Resident, adapter_key
+from serve.engine import GenerationRequest, TokenChunk, adapter_key
+from serve.runtime.adapter_cache import AdapterCache, NoRoom, Resident
 from serve.runtime.sampling import make_generator, sample
 from serve.runtime.stats import EngineStats
 from serve.runtime.stream import TokenSink
