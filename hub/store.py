@@ -45,7 +45,7 @@ from hub.errors import Conflict, InvalidInput, NotFound, StoreCorrupt
 from hub.files import TMP_PREFIX, fingerprint, hash_tree, refuse_symlinks, sha256_file
 from hub.inspect import inspect_adapter
 from hub.manifest import ADAPTER_CONFIG_FILE, AdapterManifest, Capabilities
-from hub.names import ModelRef, validate_name
+from hub.names import ModelRef, parse_adapter_ref, validate_name
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bases (
@@ -428,6 +428,32 @@ class Store:
                 param="model",
             )
         return Resolved(base, record)
+
+    def resolve_adapter(self, model: str) -> tuple[AdapterRecord, BaseInfo]:
+        """Resolve an adapter given as ``NAME[@V]`` or ``BASE+NAME[@V]`` to its record and base.
+
+        Raises:
+            InvalidInput: ``model`` names a base only.
+            InvalidName: Malformed string.
+            NotFound: Unknown base, adapter or version.
+            Incompatible: ``BASE`` is not the base the adapter is registered against.
+        """
+        if "+" not in model:
+            name, version = parse_adapter_ref(model)
+            try:
+                record = self.get(name, version)
+            except NotFound:
+                if version is None and name in {b.name for b in self.bases()}:
+                    raise InvalidInput(f"{model!r} names a base, not an adapter",
+                                       fix="Use NAME[@V] or BASE+NAME[@V].", param="model"
+                                       ) from None
+                raise
+            return record, self.base(record.base)
+        resolved = self.resolve(model)
+        if resolved.adapter is None:
+            raise InvalidInput(f"{model!r} names a base, not an adapter",
+                               fix="Use NAME[@V] or BASE+NAME[@V].", param="model")
+        return resolved.adapter, resolved.base
 
     def remove(self, name: str, version: int) -> AdapterRecord:
         """Remove one version: the row first (so readers stop seeing it), then its folder."""

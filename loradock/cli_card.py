@@ -37,7 +37,6 @@ def card(
 
     Example: loradock card json-extract@1 --out card-json-extract
     """
-    from hub.names import parse_adapter_ref
     from hub.store import Store
     from modelcards import write_card
 
@@ -49,15 +48,7 @@ def card(
         )
     store = Store()
     if model is not None:
-        if "+" in model:
-            resolved = store.resolve(model)
-            if resolved.adapter is None:
-                raise InvalidInput(f"{model!r} names a base, not an adapter", param="model")
-            record, base_info = resolved.adapter, resolved.base
-        else:
-            ref_name, version = parse_adapter_ref(model)
-            record = store.get(ref_name, version)
-            base_info = store.base(record.base)
+        record, base_info = store.resolve_adapter(model)
         target = out or Path(f"card-{record.name}-v{record.version}")
         if target.resolve() == record.path.resolve():
             raise InvalidInput(

@@ -71,7 +71,7 @@ def evaluate(
 
     Example: loradock eval json-extract@1 --data prepared/ --out eval-json-extract
     """
-    from hub.names import ModelRef, parse_adapter_ref
+    from hub.names import ModelRef
     from hub.store import Store
 
     if (model is None) == (adapter_dir is None):
@@ -93,15 +93,7 @@ def evaluate(
         )
     store = Store()
     if model is not None:
-        if "+" in model:
-            resolved = store.resolve(model)
-            if resolved.adapter is None:
-                raise InvalidInput(f"{model!r} names a base, not an adapter", param="model")
-            record, base_info = resolved.adapter, resolved.base
-        else:
-            name, version = parse_adapter_ref(model)
-            record = store.get(name, version)
-            base_info = store.base(record.base)
+        record, base_info = store.resolve_adapter(model)
         folder = record.path
         target = out or Path(f"eval-{record.name}-v{record.version}")
         label = str(ModelRef(record.base, record.name, record.version))

@@ -15,7 +15,7 @@ import typer
 
 from hub.errors import InvalidInput, LoradockError
 
-DtypeName = Literal["auto", "nf4", "fp32", "bf16", "fp16"]
+DtypeName = Literal["auto", "nf4", "nf4-dense", "fp32", "bf16", "fp16"]
 
 
 def _options(pairs: list[str]) -> dict[str, object]:
@@ -46,8 +46,9 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     base_dtype: Annotated[DtypeName, typer.Option(
-        help="Base weights: nf4 (bitsandbytes 4-bit), fp32, bf16, fp16, or auto (fastest "
-             "measured for the device).")] = "auto",
+        help="Base weights: nf4 (bitsandbytes 4-bit), nf4-dense (the same 4-bit values in "
+             "dense layers), fp32, bf16, fp16, or auto (peft: nf4 on CUDA, nf4-dense on CPU, "
+             "the values QLoRA adapters trained on).")] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     max_adapters: Annotated[int, typer.Option(
         help="Adapters resident at once (least recently used idle one evicted).")] = 8,

@@ -4,8 +4,9 @@ An engine turns prompt token ids into generated token ids for one base model and
 LoRA adapters. It knows nothing about HTTP, chat templates, tokenisation of messages, stop
 strings or detokenisation: the server front (`serve.chat`, `serve.http`) does those once for all
 engines and hands the engine token ids. Engines stop on ``stop_token_ids`` and ``max_tokens``
-themselves; the front stops them early (stop strings, client gone) by closing the stream or
-calling `Engine.abort`.
+themselves (a stop token ends the stream with ``finish_reason="stop"`` and is never yielded);
+the front stops them early (stop strings, client gone) by closing the stream or calling
+`Engine.abort`.
 
 Engines are chosen by name from `ENGINES`; the heavy imports (torch, vllm, llama_cpp) happen only
 inside the chosen engine's module, when `create_engine` imports it.
@@ -23,7 +24,7 @@ from hub.bases import BaseInfo
 from hub.errors import InvalidInput
 from hub.store import AdapterRecord
 
-BaseDtype = Literal["auto", "nf4", "fp32", "bf16", "fp16"]
+BaseDtype = Literal["auto", "nf4", "nf4-dense", "fp32", "bf16", "fp16"]
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -33,8 +34,9 @@ class EngineConfig:
 
     Attributes:
         base: The base model to load once.
-        base_dtype: Weight format of the base: ``nf4`` (bitsandbytes 4-bit), ``fp32``, ``bf16``,
-            ``fp16``, or ``auto`` (the engine picks the measured-fastest for the device).
+        base_dtype: Weight format of the base: ``nf4`` (bitsandbytes 4-bit), ``nf4-dense``
+            (the NF4 values in dense layers), ``fp32``, ``bf16``, ``fp16``, or ``auto`` (the
+            engine's choice for the device; see each engine's docstring).
         device: ``cpu``, ``cuda`` or ``auto``.
         max_adapters: Adapters resident at once; the least recently used idle one is evicted.
         max_running: Sequences decoded together in one forward pass (batch slots).
@@ -145,7 +147,11 @@ class Engine(Protocol):
         """Evict adapter ``NAME@V``; False if it was not resident. Pinned ones raise Conflict."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
-        """Stream the tokens of one request. Closing the iterator aborts the request."""
+        """Stream the tokens of one request. Closing the iterator aborts the request.
+
+        A sampled token in ``stop_token_ids`` is not yielded: the last chunk carries
+        ``finish_reason="stop"`` and no token for it.
+        """
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its slot (no-op if it already finished)."""

@@ -17,7 +17,10 @@ from train.quant import QuantSpec
 from train.recipe import Recipe
 
 
-def common_args(recipe: Recipe, spec: QuantSpec, checkpoints: Path, *, progress: bool) -> dict:
+def common_args(
+    recipe: Recipe, spec: QuantSpec, checkpoints: Path, *, progress: bool,
+    has_validation: bool = True,
+) -> dict:
     """Return keyword arguments for ``SFTConfig``/``DPOConfig`` from the recipe.
 
     Args:
@@ -25,10 +28,12 @@ def common_args(recipe: Recipe, spec: QuantSpec, checkpoints: Path, *, progress:
         spec: Device and compute dtype.
         checkpoints: Folder for ``checkpoint-N`` (the trainer's ``output_dir``).
         progress: Show tqdm progress bars.
+        has_validation: False when the validation split is empty: no evaluation, no early
+            stopping, no best-model reload.
     """
-    evaluate = recipe.eval_steps > 0
+    evaluate = recipe.eval_steps > 0 and has_validation
     save = recipe.save_steps > 0
-    early = recipe.early_stopping_patience > 0
+    early = recipe.early_stopping_patience > 0 and has_validation
     args: dict[str, Any] = {
         "output_dir": str(checkpoints),
         "per_device_train_batch_size": recipe.batch_size,
@@ -68,9 +73,9 @@ def common_args(recipe: Recipe, spec: QuantSpec, checkpoints: Path, *, progress:
     return args
 
 
-def early_stopping_callbacks(recipe: Recipe) -> list:
-    """The early-stopping callback when the recipe asks for it (else an empty list)."""
-    if recipe.early_stopping_patience <= 0:
+def early_stopping_callbacks(recipe: Recipe, *, has_validation: bool = True) -> list:
+    """The early-stopping callback when the recipe asks for it and there is a validation split."""
+    if recipe.early_stopping_patience <= 0 or not has_validation:
         return []
     from transformers import EarlyStoppingCallback
 

@@ -55,10 +55,8 @@ def build_dpo_trainer(
     """
     from trl import DPOConfig, DPOTrainer
 
-    args = common_args(recipe, spec, checkpoints, progress=progress)
-    if not val_rows:
-        args.update(eval_strategy="no", eval_steps=None, load_best_model_at_end=False,
-                    metric_for_best_model=None, greater_is_better=None)
+    validate = bool(val_rows)
+    args = common_args(recipe, spec, checkpoints, progress=progress, has_validation=validate)
     config = DPOConfig(
         **args,
         max_length=recipe.max_seq_len,
@@ -72,7 +70,7 @@ def build_dpo_trainer(
         train_dataset=dpo_dataset(train_rows),
         eval_dataset=dpo_dataset(val_rows) if val_rows else None,
         processing_class=tokenizer,
-        callbacks=[*callbacks, *(early_stopping_callbacks(recipe) if val_rows else [])],
+        callbacks=[*callbacks, *early_stopping_callbacks(recipe, has_validation=validate)],
     )
     match_adapter_dtype(trainer.model, spec)
     return trainer

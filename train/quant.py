@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from hub.nf4 import bnb_4bit_config, dense_nf4_model
+
 Device = Literal["cpu", "cuda"]
 
 
@@ -55,14 +57,7 @@ class QuantSpec:
 
     def bnb_config(self) -> Any:
         """A transformers ``BitsAndBytesConfig`` for this spec."""
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=self.torch_dtype(),
-        )
+        return bnb_4bit_config(self.quant_type, self.double_quant, self.compute_dtype)
 
     def record(self) -> dict[str, Any]:
         """The manifest's ``quantization`` section."""
@@ -175,13 +170,7 @@ def four_bit_modules(model: Any) -> list[str]:
 
 
 def dequantized_base(base_path: Path, spec: QuantSpec) -> Any:
-    """The base as QLoRA training saw it, in plain float layers: NF4 weights dequantised.
-
-    A QLoRA adapter learns on the 4-bit weights; applied to the original full-precision weights
-    it meets a different model (on SmolLM2 the demo adapter's exact match fell from 0.93 to
-    0.73). This loads the base in 4-bit exactly as training does, dequantises every
-    ``Linear4bit`` weight once, and returns an ordinary model with those values: the same numbers
-    as 4-bit compute, at full-precision speed, usable by PEFT, evaluation and merging.
+    """The base as QLoRA training saw it, in plain float layers (`hub.nf4.dense_nf4_model`).
 
     Args:
         base_path: The base's HF folder.
@@ -190,24 +179,10 @@ def dequantized_base(base_path: Path, spec: QuantSpec) -> Any:
     Returns:
         A ``PreTrainedModel`` in ``spec``'s compute dtype with no bitsandbytes layers.
     """
-    import bitsandbytes as bnb
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    quantized = load_quantized_base(base_path, spec, gradient_checkpointing=False)
-    weights = {
-        name: bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-        for name, module in quantized.named_modules()
-        if isinstance(module, bnb.nn.Linear4bit)
-    }
-    del quantized
-    model = AutoModelForCausalLM.from_pretrained(
-        str(base_path), dtype=spec.torch_dtype(), trust_remote_code=False
+    return dense_nf4_model(
+        base_path,
+        quant_type=spec.quant_type,
+        double_quant=spec.double_quant,
+        compute_dtype=spec.compute_dtype,
+        device="cuda:0" if spec.device == "cuda" else "cpu",
     )
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, weight in weights.items():
-            target = modules[name].weight
-            target.copy_(weight.to(target.dtype).reshape(target.shape))
-    model.eval()
-    return model

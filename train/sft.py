@@ -80,10 +80,8 @@ def build_sft_trainer(
 
     if recipe.assistant_only_loss:
         use_training_template(tokenizer)
-    args = common_args(recipe, spec, checkpoints, progress=progress)
-    if not val_rows:
-        args.update(eval_strategy="no", eval_steps=None, load_best_model_at_end=False,
-                    metric_for_best_model=None, greater_is_better=None)
+    validate = bool(val_rows)
+    args = common_args(recipe, spec, checkpoints, progress=progress, has_validation=validate)
     config = SFTConfig(
         **args,
         max_length=recipe.max_seq_len,
@@ -97,7 +95,7 @@ def build_sft_trainer(
         train_dataset=sft_dataset(train_rows),
         eval_dataset=sft_dataset(val_rows) if val_rows else None,
         processing_class=tokenizer,
-        callbacks=[*callbacks, *(early_stopping_callbacks(recipe) if val_rows else [])],
+        callbacks=[*callbacks, *early_stopping_callbacks(recipe, has_validation=validate)],
     )
     match_adapter_dtype(trainer.model, spec)
     return trainer

@@ -375,7 +375,7 @@ class LlamaCppEngine:
     # -- generation -------------------------------------------------------------------------
 
     def _validate(self, request: GenerationRequest) -> None:
-        from serve.runtime.requests import ContextLengthExceeded
+        from hub.errors import ContextLengthExceeded
         from serve.runtime.sampling import check_params
 
         ids = request.prompt_ids

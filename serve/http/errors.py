@@ -57,12 +57,6 @@ class RequestTimeout(LoradockError):
     code = "timeout"
 
 
-class ContextLengthExceeded(InvalidInput):
-    """Prompt plus completion do not fit the model's context."""
-
-    code = "context_length_exceeded"
-
-
 def error_payload(
     message: str, error_type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:

@@ -25,13 +25,20 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from hub.errors import EngineUnavailable, Incompatible, InvalidName, LoradockError, NotFound
+from hub.errors import (
+    ContextLengthExceeded,
+    EngineUnavailable,
+    Incompatible,
+    InvalidName,
+    LoradockError,
+    NotFound,
+)
 from hub.names import ModelRef
 from hub.store import Resolved
 from serve.chat import StopMatcher
 from serve.engine import GenerationRequest, SamplingParams, TokenChunk
 from serve.http.auth import Principal
-from serve.http.errors import ContextLengthExceeded, RequestTimeout, envelope, error_payload
+from serve.http.errors import RequestTimeout, envelope, error_payload
 from serve.http.sse import DONE, SSEResponse, sse_data, wait_for_disconnect
 from serve.http.state import AppState
 

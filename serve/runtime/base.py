@@ -4,11 +4,16 @@ Formats (``EngineConfig.base_dtype``):
 
 - ``nf4``: bitsandbytes 4-bit NF4 with double quantisation; compute dtype fp32 on CPU, bf16 on
   CUDA. lm_head / tied embeddings stay unquantised (transformers' default).
-- ``fp32``, ``bf16``, ``fp16``: dense weights.
-- ``auto``: ``fp32`` on CPU, ``nf4`` on CUDA. On this CPU (2 cores, no native bf16) fp32 decodes
-  faster than nf4, because bitsandbytes dequantises every 4-bit weight on each call and the CPU
-  has no fused 4-bit kernel; `bench/serve.py` prints the measured ratio (``nf4 / fp32``). On CUDA
-  the quantised base is the point of the product (one small base, many adapters).
+- ``nf4-dense``: the same NF4 values, dequantised once into dense fp32 (CPU) or bf16 (CUDA)
+  layers (`hub.nf4`): what a QLoRA adapter trained on, at dense speed, with no memory saving.
+- ``fp32``, ``bf16``, ``fp16``: dense original weights.
+- ``auto``: ``nf4-dense`` on CPU, ``nf4`` on CUDA, so every device serves the base numbers that
+  loradock's QLoRA adapters were trained on (served on the original fp32 weights, the demo
+  adapter's exact match drops from 0.93 to 0.73). On this CPU (2 cores, no native bf16) dense
+  layers decode faster than bitsandbytes 4-bit, which dequantises every weight on each call with
+  no fused CPU kernel; `bench/serve.py` prints the measured ratio (``nf4 / fp32``). On CUDA the
+  quantised base is the point of the product (one small base, many adapters). Adapters trained
+  on full-precision weights elsewhere may prefer ``fp32``/``bf16``.
 
 Only LlamaForCausalLM-shaped models are served (``SUPPORTED_MODEL_TYPES``): the runner calls their
 submodules directly (embed_tokens, layers[i].self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj,
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hub.errors import InvalidInput, Unsupported
+from hub.nf4 import bnb_4bit_config, dense_nf4_model
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +51,8 @@ class LoadedBase:
 
     Attributes:
         model: The transformers ``*ForCausalLM`` (eval mode, no grad).
-        dtype_name: ``nf4``, ``fp32``, ``bf16`` or ``fp16`` (what ``auto`` resolved to).
+        dtype_name: ``nf4``, ``nf4-dense``, ``fp32``, ``bf16`` or ``fp16`` (what ``auto``
+            resolved to).
         compute_dtype: Dtype of activations, KV cache and LoRA weights.
         device: Where it runs.
         max_len: Longest sequence served (config cap and the model's context).
@@ -82,10 +89,11 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(base_dtype: str, device: torch.device) -> str:
     """Resolve ``auto`` for ``device`` (see the module docstring for why)."""
     if base_dtype == "auto":
-        return "nf4" if device.type == "cuda" else "fp32"
-    if base_dtype != "nf4" and base_dtype not in DENSE_DTYPES:
+        return "nf4" if device.type == "cuda" else "nf4-dense"
+    if base_dtype not in ("nf4", "nf4-dense") and base_dtype not in DENSE_DTYPES:
         raise InvalidInput(f"Unknown base dtype {base_dtype!r}",
-                           fix="Use auto, nf4, fp32, bf16 or fp16.", param="base_dtype")
+                           fix="Use auto, nf4, nf4-dense, fp32, bf16 or fp16.",
+                           param="base_dtype")
     return base_dtype
 
 
@@ -118,7 +126,7 @@ def load_base(base: BaseInfo, base_dtype: str, device_name: str, max_model_len: 
 
     Args:
         base: The registered base (its ``path`` is an HF folder with safetensors weights).
-        base_dtype: ``auto``, ``nf4``, ``fp32``, ``bf16`` or ``fp16``.
+        base_dtype: ``auto``, ``nf4``, ``nf4-dense``, ``fp32``, ``bf16`` or ``fp16``.
         device_name: ``auto``, ``cpu`` or ``cuda``.
         max_model_len: Requested context cap (lowered to the model's own).
 
@@ -137,25 +145,23 @@ def load_base(base: BaseInfo, base_dtype: str, device_name: str, max_model_len: 
     device = resolve_device(device_name)
     dtype_name = resolve_dtype(base_dtype, device)
     kwargs: dict[str, Any] = {"trust_remote_code": False, "use_safetensors": True}
-    if dtype_name == "nf4":
-        try:
-            from transformers import BitsAndBytesConfig
-        except ImportError as exc:  # pragma: no cover - transformers always has it
-            raise Unsupported("nf4 needs bitsandbytes", fix="pip install bitsandbytes") from exc
+    if dtype_name.startswith("nf4"):
         compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
-        )
-        kwargs["dtype"] = compute
-        kwargs["device_map"] = {"": device}
+        compute_name = str(compute).removeprefix("torch.")
     else:
         compute = getattr(torch, DENSE_DTYPES[dtype_name])
-        kwargs["dtype"] = compute
-    model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
-    if dtype_name != "nf4":
+    if dtype_name == "nf4-dense":
+        model = dense_nf4_model(Path(base.path), compute_dtype=compute_name, device=str(device))
+    elif dtype_name == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise Unsupported("nf4 needs bitsandbytes", fix="pip install bitsandbytes") from exc
+        model = AutoModelForCausalLM.from_pretrained(
+            base.path, quantization_config=bnb_4bit_config("nf4", True, compute_name),
+            dtype=compute, device_map={"": device}, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=compute, **kwargs)
         model.to(device)
     model.eval()
     model.requires_grad_(False)

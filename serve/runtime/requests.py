@@ -11,18 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hub.errors import Incompatible, InvalidInput
+from hub.errors import ContextLengthExceeded, Incompatible, InvalidInput
 from serve.runtime.adapter_files import check_capabilities
 from serve.runtime.sampling import check_params
 
 if TYPE_CHECKING:
     from serve.engine import GenerationRequest
-
-
-class ContextLengthExceeded(InvalidInput):
-    """The prompt (or prompt plus completion) does not fit the model's context."""
-
-    code = "context_length_exceeded"
 
 
 def validate_request(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.errors import Incompatible, NotFound
+from hub.errors import Incompatible, InvalidInput, NotFound
 from hub.store import Store
 
 
@@ -37,6 +37,19 @@ def test_versions_resolve_and_remove(store, adapter_factory):
         store.resolve("smollm2+ghost")
     with pytest.raises(NotFound):
         store.resolve("nobase+bot")
+
+
+def test_resolve_adapter_takes_a_bare_or_a_based_reference(store, adapter_factory, base_info):
+    a1 = store.register(adapter_factory(seed=1), "bot")
+    store.register(adapter_factory(seed=2), "bot")
+    for text in ("bot@1", "smollm2+bot@1"):
+        record, base = store.resolve_adapter(text)
+        assert (record.digest, base.name) == (a1.digest, base_info.name)
+    assert store.resolve_adapter("bot")[0].version == 2
+    with pytest.raises(InvalidInput, match="names a base, not an adapter"):
+        store.resolve_adapter("smollm2")
+    with pytest.raises(NotFound):
+        store.resolve_adapter("ghost")
 
 
 def test_registered_files_are_immutable_copies(store, adapter_factory):

@@ -19,7 +19,8 @@ EVAL_LABELS = {
     "JSON validity": "json_validity",
     "perplexity (assistant tokens)": "perplexity",
 }
-SYSTEM_COLUMNS = {"base": "base", "few-shot base": "few_shot", "adapter": "adapter"}
+SYSTEM_COLUMNS = {"base": "base", "few-shot base": "few_shot",
+                  "few-shot base, original weights": "few_shot_original", "adapter": "adapter"}
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?(?![\w])")
 
 

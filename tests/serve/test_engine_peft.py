@@ -345,3 +345,29 @@ def test_unsupported_architecture_is_refused_by_name(tmp_path):
     with pytest.raises(Unsupported) as info:
         check_architecture(tmp_path)
     assert "gpt2" in info.value.message
+
+
+def test_auto_on_cpu_serves_the_4bit_values_qlora_adapters_trained_on(base_info, base_model, store,
+                                                                      adapter_factory, prompts):
+    """``auto`` on CPU is ``nf4-dense``: greedy output equals PEFT on the dequantised NF4 base."""
+    from hub.nf4 import dense_nf4_model
+
+    record = store.register(adapter_factory(**ADAPTERS["wide"]), "wide")
+    dense = dense_nf4_model(base_info.path)
+    wanted = [peft_reference(dense, p, path) for p in prompts for path in (None, record.path)]
+    unquantised = [peft_reference(base_model, p, path)
+                   for p in prompts for path in (None, record.path)]
+    assert wanted != unquantised, "the 4-bit values must change some greedy output"
+    config = EngineConfig(base=base_info, max_model_len=512)  # base_dtype="auto"
+    engine = create_engine("peft", config)
+    run(engine.start())
+    try:
+        assert "dtype=nf4-dense" in engine.health().detail
+
+        async def go():
+            return [(await collect(engine, request(p, rec)))[0]
+                    for p in prompts for rec in (None, record)]
+
+        assert run(go()) == wanted
+    finally:
+        run(engine.shutdown(drain_timeout_s=5))

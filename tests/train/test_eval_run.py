@@ -137,3 +137,45 @@ def test_run_eval_refuses_missing_and_raw_data(adapter_copy: Path, base_info, tm
     _write(raw, "test", [{"instruction": "Say hi", "output": "hi"}])
     with pytest.raises(InvalidInput, match="test.jsonl:1"):
         run_eval(adapter_copy, base_info, raw)
+
+
+def test_qlora_adapter_is_evaluated_on_the_base_it_trained_on(adapter_copy: Path, base_info,
+                                                              tmp_path: Path) -> None:
+    """A manifest saying load_in_4bit makes all three systems run the NF4 values, dequantised."""
+    import torch
+
+    from hub.manifest import AdapterManifest
+    from train.quant import QuantSpec, dequantized_base
+
+    spec = QuantSpec.for_device("cpu")
+    AdapterManifest(base={"name": base_info.name}, quantization=spec.record()).write(adapter_copy)
+    data = tmp_path / "data"
+    _write(data, "train", [_sft("Bob", 1)])
+    _write(data, "test", [_sft("Ann", 1)])
+
+    result = run_eval(adapter_copy, base_info, data, few_shot_k=1, max_new_tokens=4,
+                      forgetting_texts=1)
+
+    systems = result.doc["systems"]
+    # The few-shot base also runs on the original weights; the verdict takes the stronger one.
+    assert set(systems) == {"base", "few_shot", "few_shot_original", "adapter"}
+    assert systems["few_shot_original"]["perplexity"] != systems["few_shot"]["perplexity"]
+    best = max(("few_shot", "few_shot_original"),
+               key=lambda s: (systems[s]["exact_match"], s == "few_shot"))
+    assert result.doc["verdict"]["baseline"] == best
+    assert "few-shot base, original weights (1-shot)" in result.report_path.read_text()
+    assert result.doc["base"]["quantized"] is True
+    assert result.doc["base"]["weights"] == (
+        "nf4 4-bit (double quant) dequantised to float32, as in training"
+    )
+    assert "nf4 4-bit (double quant) dequantised" in result.report_path.read_text()
+    loaded = load(adapter_copy, base_info, quantization=spec.record())
+    with loaded.system("base") as model:
+        layer = model.base_model.model.model.layers[0].mlp.down_proj
+        weight = getattr(layer, "base_layer", layer).weight
+    expected = dequantized_base(base_info.path, spec).model.layers[0].mlp.down_proj.weight
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, expected)
+    unquantised = load(adapter_copy, base_info)
+    plain = unquantised.model.base_model.model.model.layers[0].mlp.down_proj
+    assert not torch.equal(getattr(plain, "base_layer", plain).weight, expected)

@@ -6,6 +6,11 @@ adapter disabled (`disable_adapter()`), "adapter" with it enabled, so the three 
 copy of the weights. Prompts use the adapter's ``chat_template.jinja`` when the folder has one
 (the template it was trained with), else the base tokenizer's.
 
+A QLoRA adapter (its manifest says ``load_in_4bit``) is evaluated on the base as training saw it:
+the NF4 weights dequantised once (`train.quant.dequantized_base`), so all three systems run the
+numbers the adapter learned on. On the original full-precision weights the demo adapter's exact
+match fell from 0.93 to 0.73 (a tie with few-shot), which measures the mismatch, not the adapter.
+
 Where the job ends: this module loads, builds prompts and generates text. Scoring tokens is
 `train.eval.scoring`; metrics are `train.eval.metrics`.
 """
@@ -39,6 +44,8 @@ class Loaded:
         template_source: ``adapter`` (the folder's chat_template.jinja) or ``base``.
         dtype: The torch dtype name the base was loaded in.
         device: Torch device string.
+        weights: How the base weights were obtained, in words (for the report).
+        quantized: True when the base holds 4-bit (dequantised) values.
     """
 
     model: Any
@@ -46,6 +53,8 @@ class Loaded:
     template_source: str
     dtype: str
     device: str
+    weights: str = "unquantised"
+    quantized: bool = False
 
     @contextlib.contextmanager
     def system(self, name: System) -> Iterator[Any]:
@@ -65,9 +74,22 @@ def resolve_dtype(dtype: Dtype, device: str) -> str:
 
 
 def load(
-    adapter_dir: Path, base: BaseInfo, *, device: str = "cpu", dtype: Dtype = "auto"
+    adapter_dir: Path,
+    base: BaseInfo,
+    *,
+    device: str = "cpu",
+    dtype: Dtype = "auto",
+    quantization: dict[str, Any] | None = None,
 ) -> Loaded:
-    """Load ``base`` unquantised with transformers and attach the adapter in ``adapter_dir``.
+    """Load ``base`` with transformers and attach the adapter in ``adapter_dir``.
+
+    Args:
+        adapter_dir: PEFT LoRA folder.
+        base: The base it was trained on.
+        device: ``cpu`` or ``cuda[:N]``.
+        dtype: Compute precision (``auto``: float32 on CPU, bfloat16 on CUDA).
+        quantization: The manifest's ``quantization`` section; when it says ``load_in_4bit`` the
+            base is loaded as QLoRA training saw it (NF4 values, dequantised), else unquantised.
 
     Raises:
         NotAnAdapter: If the folder lacks the PEFT config or safetensors weights.
@@ -99,13 +121,31 @@ def load(
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        base.path, dtype=getattr(torch, dtype_name), trust_remote_code=False
-    )
+    quant = quantization or {}
+    if quant.get("load_in_4bit"):
+        from train.quant import QuantSpec, dequantized_base
+
+        spec = QuantSpec(
+            device="cuda" if device.startswith("cuda") else "cpu",
+            compute_dtype=dtype_name,
+            quant_type=str(quant.get("quant_type", "nf4")),
+            double_quant=bool(quant.get("double_quant", True)),
+        )
+        model = dequantized_base(Path(base.path), spec)
+        weights = (
+            f"{spec.quant_type} 4-bit{' (double quant)' if spec.double_quant else ''} "
+            f"dequantised to {dtype_name}, as in training"
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            base.path, dtype=getattr(torch, dtype_name), trust_remote_code=False
+        )
+        weights = f"unquantised {dtype_name}"
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     model.to(device)
     model.eval()
-    return Loaded(model, tokenizer, template_source, dtype_name, device)
+    return Loaded(model, tokenizer, template_source, dtype_name, device, weights,
+                  quantized=bool(quant.get("load_in_4bit")))
 
 
 def split_conversation(messages: Messages) -> tuple[Messages, str]:

@@ -48,7 +48,13 @@ METRIC_ROWS = {
         ("scored_tokens", "scored tokens"),
     ],
 }
-SYSTEM_LABELS = {"base": "base", "few_shot": "few-shot base", "adapter": "adapter"}
+SYSTEM_LABELS = {
+    "base": "base",
+    "few_shot": "few-shot base",
+    "few_shot_original": "few-shot base, original weights",
+    "adapter": "adapter",
+}
+SYSTEM_ORDER = ("base", "few_shot", "few_shot_original", "adapter")
 
 
 def verdict(
@@ -60,7 +66,8 @@ def verdict(
         primary: The task metric's key.
         per_example: ``{system: [score per test example]}`` for ``adapter``, ``baseline``
             and ``base``.
-        baseline: ``few_shot`` or ``base``.
+        baseline: ``few_shot``, ``few_shot_original`` (few-shot on the unquantised weights of
+            a QLoRA adapter's base) or ``base``.
         shots: Number of few-shot examples (for the sentence).
     """
     score = {name: sum(v) / len(v) for name, v in per_example.items() if v}
@@ -70,7 +77,10 @@ def verdict(
     strong = beats(adapter, reference, STRONG_THRESHOLD)
     ci = paired_bootstrap_ci(per_example["adapter"], per_example[baseline])
     label = METRIC_LABELS[primary]
-    base_label = f"{shots}-shot base" if baseline == "few_shot" else "base model"
+    base_label = {
+        "few_shot": f"{shots}-shot base",
+        "few_shot_original": f"{shots}-shot base on its original (unquantised) weights",
+    }.get(baseline, "base model")
     if rel is None:
         change = f"an absolute gain of {adapter - reference:+.3f} (the {base_label} scores 0)"
     else:
@@ -92,6 +102,7 @@ def verdict(
         "baseline_score": reference,
         "base": score.get("base"),
         "few_shot": score.get("few_shot"),
+        "few_shot_original": score.get("few_shot_original"),
         "relative_improvement": rel,
         "absolute_improvement": adapter - reference,
         "relative_improvement_vs_base": relative_improvement(adapter, score["base"]),
@@ -151,16 +162,20 @@ def _cell(text: str, limit: int = 160) -> str:
 def render_markdown(doc: dict[str, Any], *, loss_png: str | None = None) -> str:
     """The human report of an ``eval.json`` document."""
     systems = doc["systems"]
-    names = [s for s in ("base", "few_shot", "adapter") if s in systems]
+    names = [s for s in SYSTEM_ORDER if s in systems]
     data, verdict_ = doc["data"], doc["verdict"]
     shots = data.get("few_shot_k", 0)
-    header = [SYSTEM_LABELS[s] + (f" ({shots}-shot)" if s == "few_shot" else "") for s in names]
+    header = [SYSTEM_LABELS[s] + (f" ({shots}-shot)" if s.startswith("few_shot") else "")
+              for s in names]
     lines = [
         "# Evaluation report",
         "",
         f"- Adapter: `{doc['adapter']['dir']}` (chat template: {doc['adapter']['chat_template']})",
-        f"- Base: `{doc['base']['name']}` loaded unquantised in {doc['base']['precision']} on "
-        f"{doc['device']} (the adapter may have been trained on a 4-bit base; see the manifest)",
+        f"- Base: `{doc['base']['name']}`, weights "
+        f"{doc['base'].get('weights', 'unquantised ' + doc['base']['precision'])}, on "
+        f"{doc['device']}; base, few-shot and adapter share them"
+        + ("; the few-shot base also runs on the original weights (its own column)"
+           if "few_shot_original" in systems else ""),
         f"- Data: {data['evaluated']} of {data['test_rows']} rows of the test split "
         f"(`{data['dir']}`), kind: {doc['kind']}",
     ]
