@@ -14,9 +14,10 @@ WHEELHOUSE ?= $(HOME)/.cache/loradock/wheels-avx2
 LLAMA_CPP_VERSION := 0.3.36
 # Skip llama.cpp's tools, examples, tests, server and multimodal library: the binding needs none.
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
-	-DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF \
-	-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_BMI2=ON
+	-DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF
+# The Dockerfile's LLAMA_CPU_ARGS default (a test keeps the two equal).
+LLAMA_CPU_ARGS := -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON \
+	-DGGML_FMA=ON -DGGML_F16C=ON
 STAMP := $(VENV)/.loradock-installed
 
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -31,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	@if ! ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
 		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) once (several minutes)..."; \
 		mkdir -p $(WHEELHOUSE); \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(LLAMA_CPU_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 			$(PIP) wheel --no-deps --wheel-dir $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION); \
 	fi
 	$(PIP) install --quiet --find-links $(WHEELHOUSE) -e ".[dev]"

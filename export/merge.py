@@ -99,6 +99,10 @@ def load_adapter(base_path: Path, adapter_path: Path, *, quantised: dict | None 
         )
         kwargs["device_map"] = "cpu"
     base = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
+    if quantised is not None:
+        from hub.nf4 import pin_training_numerics
+
+        pin_training_numerics(base)
     model = PeftModel.from_pretrained(base, str(adapter_path), is_trainable=False)
     model.eval()
     return model

@@ -48,6 +48,34 @@ def bnb_4bit_config(quant_type: str, double_quant: bool, compute_dtype: str) -> 
     )
 
 
+def pin_training_numerics(model: Any) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` on the numerics QLoRA training uses.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit`` weight on CPUs with AVX512-BF16 at its first
+    forward outside training (evaluation, generation) and rounds its block scales to bfloat16
+    for good: on such a CPU a validation pass in the middle of training changed the frozen
+    base for the remaining steps, a resumed run no longer matched the uninterrupted one, and
+    4-bit inference stopped matching `dense_nf4_model`. This turns that repacking off, so the
+    4-bit values are the same on every CPU, in training and in inference.
+
+    Args:
+        model: Any ``torch.nn.Module``; modules that are not ``Linear4bit`` are left alone.
+
+    Returns:
+        How many 4-bit layers were pinned.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    pinned = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            pinned += 1
+    return pinned
+
+
 def dense_nf4_model(
     base_path: Path,
     *,

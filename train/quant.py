@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hub.nf4 import bnb_4bit_config, dense_nf4_model
+from hub.nf4 import bnb_4bit_config, dense_nf4_model, pin_training_numerics
 
 Device = Literal["cpu", "cuda"]
 
@@ -94,6 +94,7 @@ def load_quantized_base(base_path: Path, spec: QuantSpec, *, gradient_checkpoint
         **kwargs,
     )
     model.config.use_cache = False
+    pin_training_numerics(model)  # the same 4-bit values in validation passes (hub.nf4)
     return prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=gradient_checkpointing
     )

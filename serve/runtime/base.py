@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hub.errors import InvalidInput, Unsupported
-from hub.nf4 import bnb_4bit_config, dense_nf4_model
+from hub.nf4 import bnb_4bit_config, dense_nf4_model, pin_training_numerics
 
 if TYPE_CHECKING:
     import torch
@@ -160,6 +160,7 @@ def load_base(base: BaseInfo, base_dtype: str, device_name: str, max_model_len: 
         model = AutoModelForCausalLM.from_pretrained(
             base.path, quantization_config=bnb_4bit_config("nf4", True, compute_name),
             dtype=compute, device_map={"": device}, **kwargs)
+        pin_training_numerics(model)  # the 4-bit values the adapters trained on (hub.nf4)
     else:
         model = AutoModelForCausalLM.from_pretrained(base.path, dtype=compute, **kwargs)
         model.to(device)

@@ -140,6 +140,9 @@ def test_llama_cpp_build_uses_the_makefile_flags_and_a_portable_cpu_set():
     assert wanted and all(flag in build.args for flag in wanted)
     cpu_args = _arg("wheels", "LLAMA_CPU_ARGS")
     assert "-DGGML_NATIVE=OFF" in cpu_args and "-DGGML_AVX2=ON" in cpu_args
+    # `make` builds the same portable set (a native build segfaulted on an AMX CPU).
+    make_cpu = re.search(r"LLAMA_CPU_ARGS := (.*?)\n\S", MAKEFILE, re.S).group(1)
+    assert re.findall(r"-D\w+=\w+", make_cpu) == cpu_args.split()
     assert "${LLAMA_CPU_ARGS}" in build.args
 
 
