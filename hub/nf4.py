@@ -18,7 +18,6 @@ whose ``quantization.load_in_4bit`` is true, or ``--base-dtype nf4-dense`` when 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +35,6 @@ def bnb_4bit_config(quant_type: str, double_quant: bool, compute_dtype: str) -> 
     import torch
     from transformers import BitsAndBytesConfig
 
-    # bitsandbytes warns at import, on every CPU load, that the optional `kernels` package (which
-    # fetches a fused 4-bit CPU kernel from the Hugging Face Hub at run time) is missing. loradock
-    # never downloads at run time, so the warning is noise for its users: errors still show.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,

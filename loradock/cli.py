@@ -10,6 +10,7 @@ exits with its ``exit_code``. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -22,6 +23,10 @@ from loradock import cli_card, cli_data, cli_eval, cli_export, cli_hub, cli_serv
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# bitsandbytes warns, when peft first imports it, that the optional `kernels` package (which would
+# fetch a fused 4-bit CPU kernel from the Hugging Face Hub at run time) is missing. loradock never
+# downloads at run time, so the warning is noise on every command; its errors still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 app = typer.Typer(
     name="loradock",
