@@ -16,6 +16,14 @@ from hub.errors import InvalidInput, LoradockError
 Quant = Literal["f16", "q8_0", "q4_k_m"]
 MergeDtype = Literal["fp32", "fp16", "bf16"]
 LoraDtype = Literal["f32", "f16"]
+BaseWeights = Literal["auto", "training", "original"]
+
+BASE_WEIGHTS_HELP = (
+    "Base weights the adapter is merged into: training = the 4-bit (NF4) values a QLoRA adapter "
+    "was trained on, dequantised (what `loradock eval` scored and `loradock serve` runs on CPU); "
+    "original = the unquantised base; auto = training when the manifest records 4-bit training, "
+    "else original."
+)
 
 # Minimum teacher-forced top-1 agreement with the PEFT adapter on the unmerged base, per output
 # format. Measured here on SmolLM2-135M: f16 100 %, q8_0 ~96 %, q4_k_m ~85 %.
@@ -98,10 +106,12 @@ class MergeOptions:
         metadata=_help("Also measure how far the merged model is from the adapter on its 4-bit "
                        "(NF4) training base."),
     )
+    base_weights: BaseWeights = field(default="auto", metadata=_help(BASE_WEIGHTS_HELP))
 
     def validate(self) -> MergeOptions:
-        """Check the dtype choice."""
+        """Check the dtype and base-weights choices."""
         _check_choice("--dtype", self.dtype, MergeDtype)
+        _check_choice("--base-weights", self.base_weights, BaseWeights)
         return self
 
 
@@ -119,10 +129,12 @@ class GgufOptions:
         metadata=_help("llama.cpp pre-tokenizer name, when it cannot be recognised from the "
                        "tokenizer (e.g. smollm, llama-bpe)."),
     )
+    base_weights: BaseWeights = field(default="auto", metadata=_help(BASE_WEIGHTS_HELP))
 
     def validate(self) -> GgufOptions:
-        """Check the quant choice."""
+        """Check the quant and base-weights choices."""
         _check_choice("--quant", self.quant, Quant)
+        _check_choice("--base-weights", self.base_weights, BaseWeights)
         return self
 
 
@@ -157,10 +169,23 @@ class OllamaOptions:
     model_name: str | None = field(
         default=None, metadata=_help("Ollama model name (default NAME:vVERSION).")
     )
+    base_weights: BaseWeights = field(
+        default="auto",
+        metadata=_help(BASE_WEIGHTS_HELP + " --adapter-only always uses the original base GGUF."),
+    )
 
     def validate(self) -> OllamaOptions:
-        """Check the quant choice."""
+        """Check the quant and base-weights choices (adapter-only runs on the stock base)."""
         _check_choice("--quant", self.quant, Quant)
+        _check_choice("--base-weights", self.base_weights, BaseWeights)
+        if self.adapter_only and self.base_weights == "training":
+            raise InvalidInput(
+                "--adapter-only puts the LoRA on the stock base GGUF, which holds the original "
+                "weights, not the 4-bit training values",
+                fix="Drop --adapter-only to merge into the training values, or pass "
+                "--base-weights original.",
+                param="base_weights",
+            )
         return self
 
 

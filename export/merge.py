@@ -1,11 +1,13 @@
 """Merging an adapter into its base in fp32 (never into 4-bit weights), and measuring the drift.
 
 QLoRA adapters are trained on a 4-bit (NF4) base, but merging into 4-bit weights rounds the update
-away (PEFT warns; lesson 6). So the base is loaded unquantised in fp32, the adapter applied with
-``PeftModel.from_pretrained`` and folded in with ``merge_and_unload``; the result is cast to the
-requested storage dtype afterwards. Because the adapter never saw 16/32-bit base weights,
-`measure_drift` reports how far the merged model is from the adapter on its quantised training base
-(top-1 agreement and mean |Δlogit| on the parity prompts).
+away (PEFT warns; lesson 6). So the merge runs in fp32 dense layers (``PeftModel.from_pretrained``
+then ``merge_and_unload``) and the result is cast to the requested storage dtype afterwards. The
+dense layers hold either the 4-bit values the adapter trained on, dequantised (`hub.nf4`,
+``base_weights="training"``, the default for QLoRA adapters: what evaluation scored and what the
+server runs on CPU), or the original unquantised weights (``"original"``), which the adapter never
+saw. `measure_drift` reports how far the merged model is from the adapter on its real 4-bit
+training base (top-1 agreement and mean |Δlogit| on the parity prompts).
 
 Where the job ends: models in memory and numbers. Writing folders or GGUF files is
 `export.pipeline`'s and `export.gguf_writer`'s job.
@@ -18,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.config import MergeDtype
+from export.config import BaseWeights, MergeDtype
 from hub.manifest import CHAT_TEMPLATE_FILE, AdapterManifest
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -59,6 +61,7 @@ class LoadedAdapter:
     base_path: Path
     adapter_path: Path
     quantization: dict[str, Any] = field(default_factory=dict)
+    base_weights: str = "original"
 
 
 def chat_template_for(adapter_path: Path, base_path: Path, tokenizer: Any = None) -> str:
@@ -77,18 +80,48 @@ def chat_template_for(adapter_path: Path, base_path: Path, tokenizer: Any = None
     )
 
 
-def load_adapter(base_path: Path, adapter_path: Path, *, quantised: dict | None = None) -> Any:
-    """Load the base (fp32, or 4-bit when ``quantised`` is given) with the adapter applied.
+def training_values(quantization: dict[str, Any], requested: BaseWeights) -> dict | None:
+    """The 4-bit settings whose values to merge into, or None for the original weights.
+
+    Raises:
+        InvalidInput: ``training`` asked for an adapter with no 4-bit training record.
+    """
+    four_bit = bool(quantization.get("load_in_4bit"))
+    if requested == "original" or (requested == "auto" and not four_bit):
+        return None
+    if not four_bit:
+        from hub.errors import InvalidInput
+
+        raise InvalidInput(
+            "--base-weights training: the adapter's manifest records no 4-bit training base",
+            fix="Use --base-weights original (or auto).", param="base_weights",
+        )
+    return {"quant_type": quantization.get("quant_type", "nf4"),
+            "double_quant": bool(quantization.get("double_quant", True))}
+
+
+def load_adapter(base_path: Path, adapter_path: Path, *, quantised: dict | None = None,
+                 nf4_values: dict | None = None) -> Any:
+    """Load the base in fp32 with the adapter applied (unmerged).
 
     Args:
         base_path: HF base folder.
         adapter_path: PEFT adapter folder.
-        quantised: bitsandbytes settings ``{"quant_type", "double_quant"}`` for a 4-bit base.
+        quantised: bitsandbytes settings ``{"quant_type", "double_quant"}``: a real 4-bit base.
+        nf4_values: The same settings: dense fp32 layers holding those 4-bit values.
     """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    if nf4_values is not None:
+        from hub.nf4 import dense_nf4_model
+
+        dense = dense_nf4_model(Path(base_path), quant_type=nf4_values["quant_type"],
+                                double_quant=nf4_values["double_quant"])
+        model = PeftModel.from_pretrained(dense, str(adapter_path), is_trainable=False)
+        model.eval()
+        return model
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if quantised is not None:
         from hub.nf4 import bnb_4bit_config
@@ -108,19 +141,29 @@ def load_adapter(base_path: Path, adapter_path: Path, *, quantised: dict | None 
     return model
 
 
-def load_for_export(base_path: Path, adapter_path: Path) -> LoadedAdapter:
-    """Load the fp32 base with the adapter applied (unmerged), its tokenizer and template."""
+def load_for_export(base_path: Path, adapter_path: Path, *,
+                    base_weights: BaseWeights = "auto") -> LoadedAdapter:
+    """Load the fp32 base with the adapter applied (unmerged), its tokenizer and template.
+
+    Args:
+        base_path: HF base folder.
+        adapter_path: PEFT adapter folder (its manifest says how it was trained).
+        base_weights: ``training``, ``original`` or ``auto`` (see `training_values`).
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_path))
     manifest = AdapterManifest.read(adapter_path)
+    quantization = dict(manifest.quantization) if manifest else {}
+    values = training_values(quantization, base_weights)
     return LoadedAdapter(
-        model=load_adapter(base_path, adapter_path),
+        model=load_adapter(base_path, adapter_path, nf4_values=values),
         tokenizer=tokenizer,
         chat_template=chat_template_for(adapter_path, base_path, tokenizer),
         base_path=Path(base_path),
         adapter_path=Path(adapter_path),
-        quantization=dict(manifest.quantization) if manifest else {},
+        quantization=quantization,
+        base_weights="original" if values is None else "training",
     )
 
 

@@ -132,7 +132,13 @@ def export_ollama(store: Store, name: str, version: int | None, out: Path, *,
     from export.gguf_writer import check_architecture
     from export.merge import chat_template_for, load_for_export
     from export.parity import enforce, gguf_parity
-    from export.pipeline import base_config, reference_for, write_checked_lora, write_merged_gguf
+    from export.pipeline import (
+        base_config,
+        base_weights_note,
+        reference_for,
+        write_checked_lora,
+        write_merged_gguf,
+    )
 
     options = (options or OllamaOptions()).validate()
     parity = (parity or ParityOptions()).validate()
@@ -161,7 +167,9 @@ def export_ollama(store: Store, name: str, version: int | None, out: Path, *,
         else:
             model_file, adapter_file = f"{stem}.{options.quant}.gguf", None
             steps("load fp32 base + adapter")
-            loaded = load_for_export(Path(base.path), record.path)
+            loaded = load_for_export(Path(base.path), record.path,
+                                     base_weights=options.base_weights)
+            weights = loaded.base_weights
             steps("reference (PEFT, unmerged)")
             reference = reference_for(record, base, parity, loaded)
             steps(f"merge + write {options.quant}")
@@ -179,8 +187,9 @@ def export_ollama(store: Store, name: str, version: int | None, out: Path, *,
         manifest = record.manifest
         licence = license_text(record.model, base.hf_id or base.name, base.license,
                                manifest.license if manifest else "")
-        header = [f"Written by loradock for {record.model} ({options.quant}"
-                  f"{', adapter only' if adapter_file else ', merged in fp32'}).",
+        how = ("adapter only, on the original base weights" if adapter_file
+               else base_weights_note(weights))
+        header = [f"Written by loradock for {record.model} ({options.quant}, {how}).",
                   f"Parity with the PEFT adapter: {report.agreement:.1%} top-1 agreement "
                   f"(threshold {report.threshold:.0%}); TEMPLATE verified on "
                   f"{translation.checked} conversations ({translation.family}).",
@@ -190,8 +199,8 @@ def export_ollama(store: Store, name: str, version: int | None, out: Path, *,
             system=recipe_system_prompt(manifest), adapter_file=adapter_file, header=header))
         (tmp / "LICENSE").write_text(licence + "\n")
         result = ExportResult("ollama", record.model, [out], [report],
-                              notes=list(translation.notes) + ([ADAPTER_NOTE] if adapter_file
-                                                               else []))
+                              notes=[how, *translation.notes,
+                                     *([ADAPTER_NOTE] if adapter_file else [])])
         result.commands = ollama_commands(out, model_name)
         (tmp / "export.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         steps("publish")

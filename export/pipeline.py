@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from export.config import (
+    BaseWeights,
     GgufOptions,
     LoraGgufOptions,
     MergeOptions,
@@ -124,15 +125,25 @@ _REFERENCES: dict[tuple, Any] = {}
 
 
 def reference_for(record: AdapterRecord, base: BaseInfo, parity: ParityOptions,
-               loaded: Any = None) -> Any:
-    """The PEFT reference for ``record`` (cached per process); loads the adapter if needed."""
-    from export.merge import load_for_export
+                  loaded: Any = None, base_weights: BaseWeights = "auto") -> Any:
+    """The PEFT reference for ``record`` (cached per process); loads the adapter if needed.
+
+    The reference is the adapter, unmerged, on the base weights the export uses (``loaded``'s,
+    else ``base_weights``): an export is checked against the model it claims to be.
+    """
+    from export.merge import load_for_export, training_values
     from export.parity import build_reference, pick_prompts
 
+    if loaded is not None:
+        weights = loaded.base_weights
+    else:
+        quantization = record.manifest.quantization if record.manifest else {}
+        weights = "original" if training_values(quantization, base_weights) is None else "training"
     prompts = pick_prompts(record.manifest, parity.prompts)
-    key = (record.digest, base.fingerprint, tuple(prompts), parity.max_tokens)
+    key = (record.digest, base.fingerprint, tuple(prompts), parity.max_tokens, weights)
     if key not in _REFERENCES:
-        loaded = loaded or load_for_export(Path(base.path), record.path)
+        loaded = loaded or load_for_export(Path(base.path), record.path,
+                                           base_weights=weights)  # type: ignore[arg-type]
         _REFERENCES.clear()
         _REFERENCES[key] = build_reference(loaded, prompts, parity.max_tokens)
     return _REFERENCES[key]
@@ -159,7 +170,7 @@ def export_merged(store: Store, name: str, version: int | None, out: Path, *,
     out = Path(out)
     with atomic_dir(out) as tmp:
         steps("load fp32 base + adapter")
-        loaded = load_for_export(Path(base.path), record.path)
+        loaded = load_for_export(Path(base.path), record.path, base_weights=options.base_weights)
         steps("reference (PEFT, unmerged)")
         reference = reference_for(record, base, parity, loaded)
         steps("merge in fp32")
@@ -174,16 +185,26 @@ def export_merged(store: Store, name: str, version: int | None, out: Path, *,
                  if options.measure_quantised else DriftReport("not measured", note="disabled"))
         steps("save")
         save_merged(merged, loaded, tmp, options.dtype)
-        result = ExportResult("merged", record.model, [out], [report], drift)
-        (tmp / "README.md").write_text(_merged_card(record, base, options, report, drift))
+        result = ExportResult("merged", record.model, [out], [report], drift,
+                              notes=[base_weights_note(loaded.base_weights)])
+        (tmp / "README.md").write_text(_merged_card(record, base, options, report, drift,
+                                                    loaded.base_weights))
         (tmp / "export.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         steps("publish")
     steps.finish()
     return result
 
 
+def base_weights_note(weights: str) -> str:
+    """One sentence on which base weights an export merged into."""
+    if weights == "training":
+        return ("merged into the 4-bit (NF4) values the QLoRA adapter was trained on, "
+                "dequantised to fp32: the model evaluation scored and the server runs on CPU")
+    return "merged into the original unquantised base weights"
+
+
 def _merged_card(record: AdapterRecord, base: BaseInfo, options: MergeOptions,
-                 report: ParityReport, drift: DriftReport) -> str:
+                 report: ParityReport, drift: DriftReport, weights: str) -> str:
     manifest = record.manifest
     licence = (manifest.license if manifest and manifest.license else base.license) or "other"
     lines = [
@@ -195,8 +216,8 @@ def _merged_card(record: AdapterRecord, base: BaseInfo, options: MergeOptions,
         "",
         f"# {record.name} v{record.version} merged into {base.hf_id or base.name}",
         "",
-        f"LoRA adapter `{record.model}` merged with `merge_and_unload` into the unquantised "
-        f"base (fp32), saved as {options.dtype}.",
+        f"LoRA adapter `{record.model}` merged with `merge_and_unload` in fp32, "
+        f"{base_weights_note(weights)}; saved as {options.dtype}.",
         "",
         f"- Parity with the adapter on the unmerged base: {report.agreement:.1%} top-1 "
         f"agreement over {report.positions} tokens (mean |dlogit| {report.mean_abs_dlogit:.4f}).",
@@ -258,12 +279,13 @@ def export_gguf(store: Store, name: str, version: int | None, out_dir: Path, *,
     final = Path(out_dir) / f"{record.name}-v{record.version}.{options.quant}.gguf"
     with atomic_file(final) as tmp:
         steps("load fp32 base + adapter")
-        loaded = load_for_export(Path(base.path), record.path)
+        loaded = load_for_export(Path(base.path), record.path, base_weights=options.base_weights)
         steps("reference (PEFT, unmerged)")
         reference = reference_for(record, base, parity, loaded)
         steps(f"merge + write {options.quant}")
         write_merged_gguf(loaded, base, tmp, options.quant, options=options,
                           name=f"{record.name}-v{record.version}", threads=parity.threads)
+        weights = loaded.base_weights
         del loaded
         steps(f"parity {options.quant} (llama.cpp)")
         report = gguf_parity(tmp, reference, kind=options.quant,
@@ -271,7 +293,8 @@ def export_gguf(store: Store, name: str, version: int | None, out_dir: Path, *,
         report.target = final.name
         enforce(report, parity.verify)
         steps("publish")
-    result = ExportResult("gguf", record.model, [final], [report])
+    result = ExportResult("gguf", record.model, [final], [report],
+                          notes=[base_weights_note(weights)])
     _write_json(final.with_suffix(".parity.json"), result.to_dict())
     steps.finish()
     return result
@@ -321,7 +344,7 @@ def write_checked_lora(store: Store, record: AdapterRecord, base: BaseInfo, targ
     steps(f"base GGUF ({base_quant}, cached)")
     base_file = base_gguf(store, base, base_quant)
     steps("reference (PEFT, unmerged)")
-    reference = reference_for(record, base, parity)
+    reference = reference_for(record, base, parity, base_weights="original")  # the stock base
     steps("parity LoRA on base GGUF (llama.cpp)")
     kind = "lora" if base_quant == "f16" else base_quant
     report = gguf_parity(base_file, reference, kind=kind, threshold=parity.threshold_for(kind),

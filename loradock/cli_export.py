@@ -18,6 +18,8 @@ from typing import Annotated, Any
 import typer
 
 from export.config import (
+    BASE_WEIGHTS_HELP,
+    BaseWeights,
     GgufOptions,
     LoraDtype,
     LoraGgufOptions,
@@ -49,6 +51,7 @@ ThresholdOpt = Annotated[float | None, typer.Option("--threshold", min=0.0, max=
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0,
                                          help=help_for(ParityOptions, "threads"))]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+WeightsOpt = Annotated[BaseWeights, typer.Option("--base-weights", help=BASE_WEIGHTS_HELP)]
 
 
 def _parity(no_verify: bool, prompts: int, max_tokens: int, threshold: float | None,
@@ -100,6 +103,7 @@ def merged(
     = "fp32",
     no_drift: Annotated[bool, typer.Option(
         "--no-drift", help="Skip: " + help_for(MergeOptions, "measure_quantised"))] = False,
+    base_weights: WeightsOpt = "auto",
     no_verify: NoVerifyOpt = False,
     prompts: PromptsOpt = 8,
     max_tokens: TokensOpt = 32,
@@ -107,8 +111,9 @@ def merged(
     threads: ThreadsOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Merge an adapter into its unquantised base and save an HF folder (never 4-bit weights).
+    """Merge an adapter into its base in fp32 and save an HF folder (never into 4-bit weights).
 
+    A QLoRA adapter merges into the 4-bit values it trained on, dequantised (--base-weights).
     Reports parity with the adapter on the unmerged base and the drift from the adapter on its
     4-bit training base. Example: loradock export merged support-bot@2 --out merged/support-bot
     """
@@ -116,7 +121,8 @@ def merged(
 
     name, version = parse_adapter_ref(ref)
     _run(export_merged, as_json, name=name, version=version, out=out,
-         options=MergeOptions(dtype=dtype, measure_quantised=not no_drift).validate(),
+         options=MergeOptions(dtype=dtype, measure_quantised=not no_drift,
+                              base_weights=base_weights).validate(),
          parity=_parity(no_verify, prompts, max_tokens, threshold, threads))
 
 
@@ -127,6 +133,7 @@ def gguf(
     quant: Annotated[Quant, typer.Option("--quant", help=help_for(GgufOptions, "quant"))] = "f16",
     pre_tokenizer: Annotated[str | None, typer.Option(
         "--pre-tokenizer", help=help_for(GgufOptions, "pre_tokenizer"))] = None,
+    base_weights: WeightsOpt = "auto",
     no_verify: NoVerifyOpt = False,
     prompts: PromptsOpt = 8,
     max_tokens: TokensOpt = 32,
@@ -143,7 +150,8 @@ def gguf(
 
     name, version = parse_adapter_ref(ref)
     _run(export_gguf, as_json, name=name, version=version, out_dir=out,
-         options=GgufOptions(quant=quant, pre_tokenizer=pre_tokenizer).validate(),
+         options=GgufOptions(quant=quant, pre_tokenizer=pre_tokenizer,
+                             base_weights=base_weights).validate(),
          parity=_parity(no_verify, prompts, max_tokens, threshold, threads))
 
 
@@ -184,6 +192,8 @@ def ollama(
         "--name", help=help_for(OllamaOptions, "model_name"))] = None,
     no_create: Annotated[bool, typer.Option(
         "--no-create", help="Do not run `ollama create` even if ollama is installed.")] = False,
+    base_weights: Annotated[BaseWeights, typer.Option(
+        "--base-weights", help=help_for(OllamaOptions, "base_weights"))] = "auto",
     no_verify: NoVerifyOpt = False,
     prompts: PromptsOpt = 8,
     max_tokens: TokensOpt = 32,
@@ -201,5 +211,5 @@ def ollama(
     name, version = parse_adapter_ref(ref)
     _run(export_ollama, as_json, name=name, version=version, out=out,
          options=OllamaOptions(quant=quant, adapter_only=adapter_only, create=not no_create,
-                               model_name=model_name).validate(),
+                               model_name=model_name, base_weights=base_weights).validate(),
          parity=_parity(no_verify, prompts, max_tokens, threshold, threads))
