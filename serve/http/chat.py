@@ -19,8 +19,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from serve.engine import SamplingParams
 from serve.http.auth import Principal
+from serve.http.envelope import Envelope, sampling_params
 from serve.http.generation import (
     Generation,
     Piece,
@@ -79,24 +79,13 @@ async def chat_completions(
     max_tokens = plan_max_tokens(
         len(prompt_ids), body.wanted_max_tokens(), state.max_model_len, "max_completion_tokens"
     )
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed,
-        stop_token_ids=list(state.fmt.stop_token_ids),
-        logprobs=bool(body.logprobs),
-        top_logprobs=body.top_logprobs or 0,
-    )
+    params = sampling_params(body, state, max_tokens, logprobs=bool(body.logprobs),
+                             top_logprobs=body.top_logprobs or 0)
     gen = Generation(state, resolved, prompt_ids, params, body.stops(),
                      f"chatcmpl-{uuid.uuid4().hex}", arrived)
-    created = int(time.time())
+    env = Envelope(gen, state, "chat.completion.chunk",
+                   bool(body.stream_options and body.stream_options.include_usage))
     want_json = body.response_format is not None and body.response_format.type == "json_object"
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def usage() -> dict[str, int]:
-        return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                "total_tokens": gen.prompt_tokens + gen.completion_tokens}
 
     def json_flag() -> dict[str, Any]:
         if not want_json:
@@ -106,45 +95,29 @@ async def chat_completions(
             state.metrics.count_event("json_invalid")
         return {"json_valid": valid}
 
-    def chunk(choices: list[dict[str, Any]], with_usage: bool = False) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "id": gen.request_id, "object": "chat.completion.chunk", "created": created,
-            "model": gen.model, "system_fingerprint": state.system_fingerprint,
-            "choices": choices,
-        }
-        if include_usage:
-            payload["usage"] = usage() if with_usage else None
-        return payload
-
     def head() -> list[dict[str, Any]]:
-        return [chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None, "finish_reason": None}])]
+        return [env.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None, "finish_reason": None}])]
 
     def events(piece: Piece) -> list[dict[str, Any]]:
         out = []
         if piece.text or piece.tokens:
             logprobs = ({"content": logprob_entries(state, piece.tokens), "refusal": None}
                         if body.logprobs else None)
-            out.append(chunk([{"index": 0, "delta": {"content": piece.text},
-                               "logprobs": logprobs, "finish_reason": None}]))
+            out.append(env.chunk([{"index": 0, "delta": {"content": piece.text},
+                                   "logprobs": logprobs, "finish_reason": None}]))
         if piece.finish_reason:
-            out.append(chunk([{"index": 0, "delta": {}, "logprobs": None,
-                               "finish_reason": piece.finish_reason, **json_flag()}]))
+            out.append(env.chunk([{"index": 0, "delta": {}, "logprobs": None,
+                                   "finish_reason": piece.finish_reason, **json_flag()}]))
         return out
-
-    def tail() -> list[dict[str, Any]]:
-        return [chunk([], with_usage=True)] if include_usage else []
 
     def whole(piece: Piece) -> dict[str, Any]:
         logprobs = (ChoiceLogprobs(content=logprob_entries(state, piece.tokens))
                     if body.logprobs else None)
         choice = ChatChoice(message=AssistantMessage(content=piece.text), logprobs=logprobs,
                             finish_reason=piece.finish_reason, **json_flag())
-        return ChatCompletion(
-            id=gen.request_id, created=created, model=gen.model,
-            system_fingerprint=state.system_fingerprint, choices=[choice],
-            usage=Usage(**usage()),
-        ).model_dump(mode="json")
+        return ChatCompletion(**env.whole(), choices=[choice],
+                              usage=Usage(**env.usage())).model_dump(mode="json")
 
     return await respond(request, gen, stream=bool(body.stream), head=head, events=events,
-                         tail=tail, whole=whole, principal=principal)
+                         tail=env.tail, whole=whole, principal=principal)

@@ -18,8 +18,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from hub.errors import InvalidInput
-from serve.engine import SamplingParams
 from serve.http.auth import Principal
+from serve.http.envelope import Envelope, sampling_params
 from serve.http.generation import (
     Generation,
     Piece,
@@ -67,54 +67,27 @@ async def completions(
     max_tokens = plan_max_tokens(len(prompt_ids), body.max_tokens, state.max_model_len,
                                  "max_tokens")
     want_logprobs = body.logprobs is not None
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed,
-        stop_token_ids=list(state.fmt.stop_token_ids),
-        logprobs=want_logprobs,
-        top_logprobs=body.logprobs or 0,
-    )
+    params = sampling_params(body, state, max_tokens, logprobs=want_logprobs,
+                             top_logprobs=body.logprobs or 0)
     gen = Generation(state, resolved, prompt_ids, params, body.stops(),
                      f"cmpl-{uuid.uuid4().hex}", arrived)
-    created = int(time.time())
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def usage() -> dict[str, int]:
-        return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                "total_tokens": gen.prompt_tokens + gen.completion_tokens}
-
-    def chunk(choices: list[dict[str, Any]], with_usage: bool = False) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "id": gen.request_id, "object": "text_completion", "created": created,
-            "model": gen.model, "system_fingerprint": state.system_fingerprint,
-            "choices": choices,
-        }
-        if include_usage:
-            payload["usage"] = usage() if with_usage else None
-        return payload
+    env = Envelope(gen, state, "text_completion",
+                   bool(body.stream_options and body.stream_options.include_usage))
 
     def events(piece: Piece) -> list[dict[str, Any]]:
         if not (piece.text or piece.tokens or piece.finish_reason):
             return []
         logprobs = legacy_logprobs(state, piece.tokens) if want_logprobs else None
-        return [chunk([{"index": 0, "text": piece.text, "logprobs": logprobs,
-                        "finish_reason": piece.finish_reason}])]
-
-    def tail() -> list[dict[str, Any]]:
-        return [chunk([], with_usage=True)] if include_usage else []
+        return [env.chunk([{"index": 0, "text": piece.text, "logprobs": logprobs,
+                            "finish_reason": piece.finish_reason}])]
 
     def whole(piece: Piece) -> dict[str, Any]:
         logprobs = (CompletionLogprobs(**legacy_logprobs(state, piece.tokens))
                     if want_logprobs else None)
         choice = CompletionChoice(text=piece.text, logprobs=logprobs,
                                   finish_reason=piece.finish_reason)
-        return Completion(
-            id=gen.request_id, created=created, model=gen.model,
-            system_fingerprint=state.system_fingerprint, choices=[choice],
-            usage=Usage(**usage()),
-        ).model_dump(mode="json")
+        return Completion(**env.whole(), choices=[choice],
+                          usage=Usage(**env.usage())).model_dump(mode="json")
 
     return await respond(request, gen, stream=bool(body.stream), head=list, events=events,
-                         tail=tail, whole=whole, principal=principal)
+                         tail=env.tail, whole=whole, principal=principal)
