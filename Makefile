@@ -55,7 +55,7 @@ test: $(STAMP)
 VLLM_TESTS := tests/serve/test_engine_vllm.py tests/serve/test_engines_parity.py \
 	tests/serve/test_openai_engines.py
 test-vllm: $(STAMP)
-	@test -x .venv-vllm/bin/python || bash bench/setup_vllm_env.sh
+	@test -x .venv-vllm/bin/python || WHEELHOUSE=$(WHEELHOUSE) bash bench/setup_vllm_env.sh
 	.venv-vllm/bin/python -m pytest -q $(VLLM_TESTS)
 
 lint: $(STAMP)

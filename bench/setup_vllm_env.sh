@@ -20,7 +20,7 @@ VENV=${VENV:-.venv-vllm}
 PY="$VENV/bin/python"
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
-WHEELHOUSE=${WHEELHOUSE:-$HOME/.cache/loradock/wheels}
+WHEELHOUSE=${WHEELHOUSE:-$HOME/.cache/loradock/wheels-avx2}  # the Makefile's (portable AVX2 build)
 NICE=${NICE:-nice -n 10}
 started=$(date +%s)
 

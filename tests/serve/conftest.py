@@ -21,3 +21,19 @@ def module_store(base_info, tmp_path_factory):
     from tests.conftest import TEST_CACHE
 
     return Store(tmp_path_factory.mktemp("serve-home"), cache=TEST_CACHE / "bases")
+
+
+# Engines shared by several modules (the vLLM one) register their shutdown here.
+SESSION_CLOSERS: list = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_shared_engines():
+    """Stop shared engines at the end of the session, while thread pools still accept work.
+
+    An ``atexit`` hook runs after concurrent.futures has shut its executors down, so an engine
+    stopped there fails with "cannot schedule new futures after shutdown".
+    """
+    yield
+    while SESSION_CLOSERS:
+        SESSION_CLOSERS.pop()()

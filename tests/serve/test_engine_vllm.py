@@ -12,7 +12,6 @@ eviction, stop tokens, abort, logprobs and seeded sampling.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import gc
 import importlib.util
 import itertools
@@ -31,6 +30,7 @@ from serve.engines.vllm import (
     round_lora_rank,
     size_lora_rank,
 )
+from tests.serve.conftest import SESSION_CLOSERS
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(
@@ -122,7 +122,7 @@ def shared_vllm(base_info, adapter_factory, tmp_path_factory) -> SharedVllm:
     shared = SharedVllm(engine, store, records, loop)
     shared.run(engine.start())
     _SHARED.append(shared)
-    atexit.register(shared.close)
+    SESSION_CLOSERS.append(shared.close)
     return shared
 
 
