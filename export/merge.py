@@ -86,18 +86,19 @@ def training_values(quantization: dict[str, Any], requested: BaseWeights) -> dic
     Raises:
         InvalidInput: ``training`` asked for an adapter with no 4-bit training record.
     """
-    four_bit = bool(quantization.get("load_in_4bit"))
-    if requested == "original" or (requested == "auto" and not four_bit):
+    from hub.nf4 import trained_4bit
+
+    four_bit = trained_4bit(quantization)
+    if requested == "original" or (requested == "auto" and four_bit is None):
         return None
-    if not four_bit:
+    if four_bit is None:
         from hub.errors import InvalidInput
 
         raise InvalidInput(
             "--base-weights training: the adapter's manifest records no 4-bit training base",
             fix="Use --base-weights original (or auto).", param="base_weights",
         )
-    return {"quant_type": quantization.get("quant_type", "nf4"),
-            "double_quant": bool(quantization.get("double_quant", True))}
+    return four_bit
 
 
 def load_adapter(base_path: Path, adapter_path: Path, *, quantised: dict | None = None,

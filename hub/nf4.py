@@ -18,10 +18,25 @@ whose ``quantization.load_in_4bit`` is true, or ``--base-dtype nf4-dense`` when 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from hub.errors import Unsupported
+
+
+def trained_4bit(quantization: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The 4-bit settings of a manifest's ``quantization`` record, or None if it is not 4-bit.
+
+    Returns:
+        ``{"quant_type", "double_quant"}`` (loradock's QuantSpec defaults fill missing keys),
+        ready to pass to `dense_nf4_model`; None when ``load_in_4bit`` is absent or false.
+    """
+    record = quantization or {}
+    if not record.get("load_in_4bit"):
+        return None
+    return {"quant_type": str(record.get("quant_type", "nf4")),
+            "double_quant": bool(record.get("double_quant", True))}
 
 
 def bnb_4bit_config(quant_type: str, double_quant: bool, compute_dtype: str) -> Any:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hub.nf4 import bnb_4bit_config, dense_nf4_model, pin_training_numerics
+from hub.nf4 import bnb_4bit_config, pin_training_numerics
 
 Device = Literal["cpu", "cuda"]
 
@@ -168,22 +168,3 @@ def four_bit_modules(model: Any) -> list[str]:
     import bitsandbytes as bnb
 
     return [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
-
-
-def dequantized_base(base_path: Path, spec: QuantSpec) -> Any:
-    """The base as QLoRA training saw it, in plain float layers (`hub.nf4.dense_nf4_model`).
-
-    Args:
-        base_path: The base's HF folder.
-        spec: The quantisation the adapter was trained with (its manifest's ``quantization``).
-
-    Returns:
-        A ``PreTrainedModel`` in ``spec``'s compute dtype with no bitsandbytes layers.
-    """
-    return dense_nf4_model(
-        base_path,
-        quant_type=spec.quant_type,
-        double_quant=spec.double_quant,
-        compute_dtype=spec.compute_dtype,
-        device="cuda:0" if spec.device == "cuda" else "cpu",
-    )

@@ -145,7 +145,8 @@ def test_qlora_adapter_is_evaluated_on_the_base_it_trained_on(adapter_copy: Path
     import torch
 
     from hub.manifest import AdapterManifest
-    from train.quant import QuantSpec, dequantized_base
+    from hub.nf4 import dense_nf4_model, trained_4bit
+    from train.quant import QuantSpec
 
     spec = QuantSpec.for_device("cpu")
     AdapterManifest(base={"name": base_info.name}, quantization=spec.record()).write(adapter_copy)
@@ -173,7 +174,8 @@ def test_qlora_adapter_is_evaluated_on_the_base_it_trained_on(adapter_copy: Path
     with loaded.system("base") as model:
         layer = model.base_model.model.model.layers[0].mlp.down_proj
         weight = getattr(layer, "base_layer", layer).weight
-    expected = dequantized_base(base_info.path, spec).model.layers[0].mlp.down_proj.weight
+    expected = dense_nf4_model(base_info.path, **trained_4bit(spec.record())
+                               ).model.layers[0].mlp.down_proj.weight
     assert weight.dtype == torch.float32
     assert torch.equal(weight, expected)
     unquantised = load(adapter_copy, base_info)

@@ -185,7 +185,8 @@ def test_dequantized_base_gives_the_adapter_the_numbers_it_trained_on(reference,
     import torch
     from peft import PeftModel
 
-    from train.quant import QuantSpec, dequantized_base, four_bit_modules, load_quantized_base
+    from hub.nf4 import dense_nf4_model, trained_4bit
+    from train.quant import QuantSpec, four_bit_modules, load_quantized_base
 
     result, _ = reference
     spec = QuantSpec.for_device("cpu")
@@ -196,7 +197,8 @@ def test_dequantized_base_gives_the_adapter_the_numbers_it_trained_on(reference,
             str(result.adapter_dir)).eval()
         expected = four_bit(input_ids=ids).logits
         del four_bit
-        plain = dequantized_base(base_info.path, spec)
+        plain = dense_nf4_model(base_info.path, **trained_4bit(spec.record()),
+                                compute_dtype=spec.compute_dtype)
         assert four_bit_modules(plain) == []  # ordinary float layers
         got = PeftModel.from_pretrained(plain, str(result.adapter_dir)).eval()(input_ids=ids).logits
     assert torch.equal(got, expected)

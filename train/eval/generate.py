@@ -7,7 +7,7 @@ copy of the weights. Prompts use the adapter's ``chat_template.jinja`` when the 
 (the template it was trained with), else the base tokenizer's.
 
 A QLoRA adapter (its manifest says ``load_in_4bit``) is evaluated on the base as training saw it:
-the NF4 weights dequantised once (`train.quant.dequantized_base`), so all three systems run the
+the NF4 weights dequantised once (`hub.nf4.dense_nf4_model`), so all three systems run the
 numbers the adapter learned on. On the original full-precision weights the demo adapter's exact
 match fell from 0.93 to 0.73 (a tie with few-shot), which measures the mismatch, not the adapter.
 
@@ -28,6 +28,7 @@ from hub.bases import BaseInfo
 from hub.errors import InvalidInput, NotAnAdapter
 from hub.files import refuse_pickle
 from hub.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CHAT_TEMPLATE_FILE
+from hub.nf4 import dense_nf4_model, trained_4bit
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 System = Literal["base", "few_shot", "adapter"]
@@ -121,20 +122,13 @@ def load(
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    quant = quantization or {}
-    if quant.get("load_in_4bit"):
-        from train.quant import QuantSpec, dequantized_base
-
-        spec = QuantSpec(
-            device="cuda" if device.startswith("cuda") else "cpu",
-            compute_dtype=dtype_name,
-            quant_type=str(quant.get("quant_type", "nf4")),
-            double_quant=bool(quant.get("double_quant", True)),
-        )
-        model = dequantized_base(Path(base.path), spec)
+    four_bit = trained_4bit(quantization)
+    if four_bit is not None:
+        model = dense_nf4_model(Path(base.path), **four_bit, compute_dtype=dtype_name,
+                                device=device)
         weights = (
-            f"{spec.quant_type} 4-bit{' (double quant)' if spec.double_quant else ''} "
-            f"dequantised to {dtype_name}, as in training"
+            f"{four_bit['quant_type']} 4-bit{' (double quant)' if four_bit['double_quant'] else ''}"
+            f" dequantised to {dtype_name}, as in training"
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(
@@ -145,7 +139,7 @@ def load(
     model.to(device)
     model.eval()
     return Loaded(model, tokenizer, template_source, dtype_name, device, weights,
-                  quantized=bool(quant.get("load_in_4bit")))
+                  quantized=four_bit is not None)
 
 
 def split_conversation(messages: Messages) -> tuple[Messages, str]:
