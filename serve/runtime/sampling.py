@@ -16,7 +16,7 @@ Where the job ends: this module turns one step's logits into token choices; stop
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hub.errors import InvalidInput
@@ -64,6 +64,30 @@ def check_params(params: SamplingParams, vocab_size: int) -> None:
                            fix="Correct the sampling parameters.", param=problems[0][0])
 
 
+@dataclass
+class RowState:
+    """Per-sequence sampling state, created once per request by `new_row`.
+
+    The scheduler keeps one per running sequence and passes the batch's states to `sample`,
+    which records each chosen token here (what penalties and grammars need).
+
+    Attributes:
+        params: The request's sampling parameters.
+        generator: The request's own generator (None when greedy).
+        generated: Token ids chosen so far.
+    """
+
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    generated: list[int] = field(default_factory=list)
+
+
+def new_row(params: SamplingParams, prompt_ids: list[int]) -> RowState:
+    """The sampling state of one new sequence (its prompt is known, nothing generated yet)."""
+    del prompt_ids  # not needed by the current rules
+    return RowState(params, make_generator(params))
+
+
 def make_generator(params: SamplingParams) -> torch.Generator | None:
     """A CPU generator seeded by ``params.seed`` (random seed when None); None when greedy."""
     import torch
@@ -74,19 +98,17 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return torch.Generator(device="cpu").manual_seed(int(seed) % 2**63)
 
 
-def sample(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
-) -> list[Choice]:
-    """Pick one token per row of ``logits`` ``[rows, vocab]`` (fp32).
+def sample(logits: torch.Tensor, rows: list[RowState]) -> list[Choice]:
+    """Pick one token per row of ``logits`` ``[rows, vocab]`` (fp32) and record it in its state.
 
     Args:
         logits: Raw logits of the step.
-        params: Each row's sampling parameters.
-        generators: Each row's generator (None for greedy rows).
+        rows: Each row's state from `new_row`.
     """
     import torch
+
+    params = [r.params for r in rows]
+    generators = [r.generator for r in rows]
 
     greedy = logits.argmax(dim=-1).tolist()
     want_logprobs = any(p.logprobs or p.top_logprobs for p in params)
@@ -106,6 +128,7 @@ def sample(
                 choice.top_logprobs = {int(i): float(v) for i, v in
                                        zip(indices.tolist(), values.tolist(), strict=True)}
         choices.append(choice)
+        rows[row].generated.append(choice.token_id)
     return choices
 
 

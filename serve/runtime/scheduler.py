@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from hub.errors import Conflict, EngineUnavailable, LoradockError, Overloaded
 from serve.engine import GenerationRequest, TokenChunk, adapter_key
 from serve.runtime.adapter_cache import AdapterCache, NoRoom, Resident
-from serve.runtime.sampling import make_generator, sample
+from serve.runtime.sampling import RowState, new_row, sample
 from serve.runtime.stats import EngineStats
 from serve.runtime.stream import TokenSink
 
@@ -56,7 +56,7 @@ class Sequence:
     deadline: float
     submitted: float
     key: str | None = None
-    generator: torch.Generator | None = None
+    sampler: RowState | None = None
     resident: Resident | None = None
     row: int = -1
     prefilled: int = 0
@@ -151,7 +151,7 @@ class Scheduler:
             seq = Sequence(request, sink, deadline=now + self.request_timeout_s, submitted=now)
             if request.adapter is not None:
                 seq.key = adapter_key(request.adapter)
-            seq.generator = make_generator(request.params)
+            seq.sampler = new_row(request.params, request.prompt_ids)
             self.waiting.append(seq)
             self.by_id[request.request_id] = seq
         self.wake.set()
@@ -399,7 +399,7 @@ class Scheduler:
         return True
 
     def _accept_many(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        choices = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        choices = sample(logits, [s.sampler for s in seqs])
         for seq, choice in zip(seqs, choices, strict=True):
             params = seq.request.params
             token = choice.token_id
