@@ -37,7 +37,11 @@ HUB_LICENSES = {
 EVAL_METRICS = [  # (eval.json key, model-index metric_type, label)
     ("exact_match", "exact_match", "exact match"),
     ("rouge_l", "rouge", "ROUGE-L F1"),
+    ("token_f1", "f1", "token F1"),
     ("json_validity", "json_validity", "JSON validity"),
+    ("field_accuracy", "accuracy", "JSON field accuracy"),
+    ("field_precision", "precision", "JSON field precision"),
+    ("field_recall", "recall", "JSON field recall"),
     ("perplexity", "perplexity", "perplexity (assistant tokens)"),
     ("preference_accuracy", "accuracy", "preference accuracy"),
     ("reward_accuracy", "accuracy", "reward accuracy"),

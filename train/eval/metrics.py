@@ -1,4 +1,4 @@
-"""Task metrics on text and their aggregation: exact match, ROUGE-L, JSON validity, perplexity.
+"""Task metrics on text and their aggregation: exact match, ROUGE-L, token F1, JSON fields, perplexity.
 
 Every function here is pure Python on strings and numbers, so the rules are table-testable and
 identical wherever they run. Definitions (also printed in the eval report):
@@ -6,8 +6,18 @@ identical wherever they run. Definitions (also printed in the eval report):
 - **exact match**: the prediction equals the reference after trimming and collapsing whitespace;
   when the reference is JSON (an object or an array), the prediction must parse to an equal
   value instead (key order and spacing do not matter; types do: ``1`` is not ``1.0`` or ``true``).
-- **ROUGE-L**: the F1 of the longest common subsequence of lower-cased alphanumeric word tokens
+- **word tokens** (`word_tokens`): the text NFKC-normalised and case-folded, then each Han,
+  Hiragana or Katakana character is one token (those scripts write no spaces) and every other
+  run of Unicode letters, marks and digits is one token ("Tomás" is one token, "東京" two).
+- **ROUGE-L**: the F1 of the longest common subsequence of word tokens
   (precision = LCS / prediction tokens, recall = LCS / reference tokens).
+- **token F1**: the F1 of the multiset overlap of word tokens (order ignored, as in SQuAD).
+- **JSON fields**: a JSON object is flattened into its leaf fields (``a.b`` for nested objects;
+  arrays and scalars are leaves, compared as canonical JSON); a top-level array is one field.
+  A field is correct when the prediction has the same path with an equal value. Per example:
+  precision = correct / predicted fields, recall = correct / reference fields, accuracy =
+  correct / fields in either (a missing and an extra field both count against it); a prediction
+  that is not JSON scores 0 on all three. Averaged over the examples whose reference is JSON.
 - **JSON validity**: over the examples whose reference is JSON, the share of predictions that
   parse as a JSON object or array (strict: no code fences, no trailing text).
 - **perplexity**: ``exp(total negative log-likelihood / token count)`` over the scored tokens of
@@ -23,12 +33,17 @@ import json
 import math
 import random
 import re
+import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import regex
+
 PrimaryMetric = Literal["exact_match", "rouge_l", "preference_accuracy"]
 
-_WORD_RE = re.compile(r"[a-z0-9]+")
+# `regex` (a transformers dependency) knows Unicode scripts; stdlib `re` does not.
+_WORD_RE = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]|[\p{L}\p{M}\p{N}]+")
 _SPACE_RE = re.compile(r"\s+")
 
 
@@ -75,8 +90,8 @@ def _canonical(value: Any) -> str:
 
 
 def word_tokens(text: str) -> list[str]:
-    """Lower-cased alphanumeric runs: the tokens ROUGE-L compares."""
-    return _WORD_RE.findall(text.lower())
+    """The word tokens ROUGE-L and token F1 compare (rule: the module docstring)."""
+    return _WORD_RE.findall(unicodedata.normalize("NFKC", text).casefold())
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
@@ -105,6 +120,64 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(pred), lcs / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 of the word-token multiset overlap (1.0 when both have no word, 0.0 when one has)."""
+    pred, ref = word_tokens(prediction), word_tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def json_fields(value: Any, prefix: str = "") -> dict[str, str]:
+    """Leaf fields of a JSON value as ``{path: canonical JSON}`` (rule: the module docstring)."""
+    if isinstance(value, dict) and value:
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(json_fields(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix or "$": _canonical(value)}
+
+
+def field_scores(prediction: str, reference: str) -> dict[str, float] | None:
+    """Field-level precision, recall and accuracy of one prediction; None if the reference is not
+    JSON."""
+    ref_ok, ref_value = parse_json_output(reference)
+    if not ref_ok:
+        return None
+    ref = json_fields(ref_value)
+    pred_ok, pred_value = parse_json_output(prediction)
+    pred = json_fields(pred_value) if pred_ok else {}
+    correct = sum(1 for path, value in pred.items() if ref.get(path) == value)
+    union = len(set(pred) | set(ref))
+    return {
+        "field_precision": correct / len(pred) if pred else 0.0,
+        "field_recall": correct / len(ref) if ref else 0.0,
+        "field_accuracy": correct / union if union else 0.0,
+    }
+
+
+def field_metrics(
+    predictions: Sequence[str], references: Sequence[str]
+) -> dict[str, float | None]:
+    """Mean field precision, recall and accuracy over the examples whose reference is JSON.
+
+    Returns:
+        ``{"field_precision", "field_recall", "field_accuracy"}``, each None when no reference
+        is JSON (the metrics do not apply).
+    """
+    keys = ("field_precision", "field_recall", "field_accuracy")
+    scores = [
+        s
+        for s in (field_scores(p, r) for p, r in zip(predictions, references, strict=True))
+        if s is not None
+    ]
+    return {k: mean([s[k] for s in scores]) for k in keys}
 
 
 def json_validity(predictions: Sequence[str], references: Sequence[str]) -> float | None:

@@ -6,9 +6,16 @@ Verdict rule (the seeds ask for 5–10 % over the few-shot baseline):
   ROUGE-L; for preference data it is preference accuracy.
 - The baseline is the base model prompted with k examples from train (few-shot). Without
   examples (no train split, ``k = 0``, preference data) the baseline is the plain base.
-- The adapter **passes** when ``(adapter - baseline) / baseline >= 5 %`` on the task metric;
-  when the baseline scores 0 the relative figure is undefined and the absolute gain must reach
-  0.05. Reaching 10 % is reported as meeting the top of the seeds' band.
+- Gain rule: ``(adapter - baseline) / baseline >= 5 %`` on the task metric; when the baseline
+  scores 0 the relative figure is undefined and the absolute gain must reach 0.05. Reaching 10 %
+  is reported as meeting the top of the seeds' band.
+- Significance: the paired bootstrap 95 % interval of ``adapter - baseline`` over the test
+  examples (`train.eval.metrics.paired_bootstrap_ci`). When it includes 0 (or there are fewer
+  than two examples, so there is no interval) the difference is reported as **not
+  significant**.
+- The adapter **passes** only when the gain rule holds **and** the interval lies above 0. Four
+  examples at 3/4 vs 2/4 are +50 % relative, but their interval is [0, +0.75]: not significant,
+  so no pass.
 
 Where the job ends: this module decides and writes; the figures come from `train.eval.run`.
 """
@@ -25,6 +32,8 @@ from hub.manifest import EVAL_JSON_FILE, EVAL_REPORT_FILE
 from train.eval.metrics import beats, paired_bootstrap_ci, relative_improvement
 
 THRESHOLD = 0.05
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
 STRONG_THRESHOLD = 0.10
 LOSS_PNG = "loss.png"
 METRIC_LABELS = {
@@ -38,7 +47,11 @@ METRIC_ROWS = {
         ("scored_tokens", "scored tokens"),
         ("exact_match", "exact match"),
         ("rouge_l", "ROUGE-L F1"),
+        ("token_f1", "token F1"),
         ("json_validity", "JSON validity"),
+        ("field_accuracy", "JSON field accuracy"),
+        ("field_precision", "JSON field precision"),
+        ("field_recall", "JSON field recall"),
     ],
     "preference": [
         ("preference_accuracy", "preference accuracy"),
@@ -57,6 +70,17 @@ SYSTEM_LABELS = {
 SYSTEM_ORDER = ("base", "few_shot", "few_shot_original", "adapter")
 
 
+def significance(ci: tuple[float, float] | None) -> str:
+    """``higher`` / ``lower`` when the 95 % interval excludes 0, else ``not significant``.
+
+    An interval touching 0 (``low == 0``) includes it; no interval (fewer than two examples) is
+    not significant either.
+    """
+    if ci is None or ci[0] <= 0 <= ci[1]:
+        return "not significant"
+    return "higher" if ci[0] > 0 else "lower"
+
+
 def verdict(
     primary: str, per_example: dict[str, list[float]], *, baseline: str, shots: int
 ) -> dict[str, Any]:
@@ -73,9 +97,14 @@ def verdict(
     score = {name: sum(v) / len(v) for name, v in per_example.items() if v}
     adapter, reference = score["adapter"], score[baseline]
     rel = relative_improvement(adapter, reference)
-    passed = beats(adapter, reference, THRESHOLD)
-    strong = beats(adapter, reference, STRONG_THRESHOLD)
-    ci = paired_bootstrap_ci(per_example["adapter"], per_example[baseline])
+    gain = beats(adapter, reference, THRESHOLD)
+    ci = paired_bootstrap_ci(
+        per_example["adapter"], per_example[baseline],
+        resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED,
+    )
+    significant = significance(ci)
+    passed = gain and significant == "higher"
+    strong = passed and beats(adapter, reference, STRONG_THRESHOLD)
     label = METRIC_LABELS[primary]
     base_label = {
         "few_shot": f"{shots}-shot base",
@@ -87,14 +116,24 @@ def verdict(
         change = f"{rel:+.1%} relative"
     if passed:
         outcome = "beats" + (" (≥ 10 %, the top of the 5–10 % band)" if strong else " (≥ 5 %)")
+    elif gain:
+        outcome = "does NOT beat (the gain is not significant)"
     else:
-        outcome = "does NOT beat (needs ≥ 5 %)"
+        outcome = "does NOT beat (needs ≥ 5 % and a significant difference)"
+    n = len(per_example["adapter"])
     sentence = (
         f"The adapter {outcome} the {base_label} on {label}: {adapter:.3f} vs {reference:.3f}, "
-        f"{change}, over {len(per_example['adapter'])} test examples."
+        f"{change}, over {n} test examples."
     )
     if ci is not None:
-        sentence += f" 95 % bootstrap interval of the difference: [{ci[0]:+.3f}, {ci[1]:+.3f}]."
+        sentence += f" 95 % bootstrap interval of the difference: [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+        sentence += {
+            "higher": " (above 0: significant).",
+            "lower": " (below 0: significantly worse).",
+            "not significant": " (includes 0: not significant).",
+        }[significant]
+    else:
+        sentence += " Too few examples for a bootstrap interval: not significant."
     result = {
         "primary_metric": primary,
         "baseline": baseline,
@@ -109,13 +148,18 @@ def verdict(
         "beats_base": beats(adapter, score["base"], THRESHOLD),
         "threshold": THRESHOLD,
         "strong_threshold": STRONG_THRESHOLD,
+        "gain_rule_met": gain,
+        "significance": significant,
         "passed": passed,
         "strong": strong,
         "ci95_difference": list(ci) if ci else None,
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "paired": True},
         "rule": (
             f"pass when (adapter - {baseline}) / {baseline} >= {THRESHOLD:.0%} on {label} "
-            f"(absolute gain >= {THRESHOLD} when the {baseline} score is 0); "
-            f">= {STRONG_THRESHOLD:.0%} meets the top of the seeds' 5-10 % band"
+            f"(absolute gain >= {THRESHOLD} when the {baseline} score is 0) AND the paired "
+            f"bootstrap 95 % interval of the difference ({BOOTSTRAP_RESAMPLES} resamples of the "
+            f"{n} test examples) lies above 0; an interval that includes 0 is reported as not "
+            f"significant; >= {STRONG_THRESHOLD:.0%} meets the top of the seeds' 5-10 % band"
         ),
         "sentence": sentence,
     }
@@ -173,7 +217,9 @@ def render_markdown(doc: dict[str, Any], *, loss_png: str | None = None) -> str:
         f"- Adapter: `{doc['adapter']['dir']}` (chat template: {doc['adapter']['chat_template']})",
         f"- Base: `{doc['base']['name']}`, weights "
         f"{doc['base'].get('weights', 'unquantised ' + doc['base']['precision'])}, on "
-        f"{doc['device']}; base, few-shot and adapter share them"
+        f"{doc['device']}"
+        + (f" ({doc['device_note']})" if doc.get("device_note") else "")
+        + "; base, few-shot and adapter share them"
         + ("; the few-shot base also runs on the original weights (its own column)"
            if "few_shot_original" in systems else ""),
         f"- Data: {data['evaluated']} of {data['test_rows']} rows of the test split "

@@ -48,6 +48,7 @@ from train.eval.report import verdict, write_outputs
 from train.eval.scoring import encode_conversation, nll_sums
 
 EVAL_SCHEMA = 1
+_FIELD_KEYS = ("field_accuracy", "field_precision", "field_recall")
 WORST_EXAMPLES = 3
 METRIC_DEFINITIONS = {
     "perplexity": "exp(summed NLL / scored tokens) over all test rows together; scored tokens are "
@@ -55,7 +56,15 @@ METRIC_DEFINITIONS = {
     "the test conversation's turns only, with the examples as context)",
     "exact_match": "prediction equals the reference after collapsing whitespace; JSON references "
     "must parse to an equal value",
-    "rouge_l": "F1 of the longest common subsequence of lower-cased alphanumeric words",
+    "rouge_l": "F1 of the longest common subsequence of word tokens (NFKC, case-folded; a Han, "
+    "Hiragana or Katakana character is one token, any other run of Unicode letters, marks and "
+    "digits is one token)",
+    "token_f1": "F1 of the multiset overlap of the same word tokens (order ignored)",
+    "field_precision": "JSON leaf fields (dotted paths) with the reference's value / fields in "
+    "the prediction, averaged over rows whose reference is JSON (0 for a non-JSON prediction)",
+    "field_recall": "JSON leaf fields with the reference's value / fields in the reference",
+    "field_accuracy": "JSON leaf fields with the reference's value / fields in either the "
+    "prediction or the reference",
     "json_validity": "share of predictions that are one JSON object/array, over rows whose "
     "reference is JSON (n/a when none is)",
     "preference_accuracy": "share of rows where summed log p(chosen) > log p(rejected)",
@@ -132,10 +141,10 @@ def run_eval(
     few_shot_k: int = 3,
     max_examples: int | None = None,
     max_new_tokens: int = 128,
-    device: str = "cpu",
+    device: str | None = None,
     out_dir: Path | None = None,
     batch_size: int = 32,
-    seed: int = 0,
+    seed: int | None = None,
     dtype: Dtype = "auto",
     forgetting_texts: int | None = None,
     sample_prompts: list[str] | None = None,
@@ -152,11 +161,13 @@ def run_eval(
         few_shot_k: Examples from train in the few-shot baseline (0 disables it).
         max_examples: Evaluate only the first N test rows.
         max_new_tokens: Generation limit per answer.
-        device: ``cpu`` or ``cuda[:N]``.
+        device: ``cpu`` or ``cuda[:N]``; default: the device training used (the manifest's
+            ``compute.device``), or ``cpu`` with a note in ``eval.json`` when that device is
+            not available here.
         out_dir: Where to write the outputs (default ``adapter_dir``; registered folders are
             read-only).
         batch_size: Generation batch size.
-        seed: Seed of the few-shot choice.
+        seed: Seed of the few-shot choice; default: the recipe's ``seed`` (manifest), else 0.
         dtype: Base precision; ``auto`` = float32 on CPU, bfloat16 on CUDA.
         forgetting_texts: Use only the first N bundled general-text paragraphs (default all 30).
         sample_prompts: User prompts whose base and adapter answers are shown side by side
@@ -193,6 +204,10 @@ def run_eval(
     train = read_rows(train_path) if train_path.is_file() and kind == "sft" and not same else []
     manifest = AdapterManifest.read(adapter_dir)
     quantization = dict(manifest.quantization) if manifest else {}
+    device, device_note = _eval_device(device, manifest)
+    if seed is None:
+        recorded_seed = manifest.hyperparameters.get("seed") if manifest else None
+        seed = int(recorded_seed) if isinstance(recorded_seed, int) else 0
     say(f"loading {base.name} and {adapter_dir}")
     loaded = load(adapter_dir, base, device=device, dtype=dtype, quantization=quantization)
     doc: dict[str, Any] = {
@@ -209,6 +224,7 @@ def run_eval(
             "weights": loaded.weights,
         },
         "device": device,
+        "device_note": device_note,
         "metric_definitions": {},
     }
     if kind == "sft":
@@ -248,6 +264,19 @@ def run_eval(
     json_path, report_path = write_outputs(doc, Path(out_dir or adapter_dir), adapter_dir)
     say(f"wrote {report_path.name} and {json_path.name} ({doc['wall_time_s']:.0f} s)")
     return EvalResult(doc, json_path, report_path)
+
+
+def _eval_device(device: str | None, manifest: AdapterManifest | None) -> tuple[str, str]:
+    """The device to evaluate on and how it was chosen (recorded in ``eval.json``)."""
+    if device:
+        return device, "as asked"
+    trained = str((manifest.compute if manifest else {}).get("device") or "cpu")
+    if trained.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu", f"training used {trained}; no CUDA device here, so cpu"
+    return trained, "as in training"
 
 
 def _baseline(systems: dict[str, dict[str, Any]], primary: str) -> str:
@@ -342,10 +371,13 @@ def _eval_sft(
     for system, preds in outputs.items():
         em = [metrics.exact_match(p, r) for p, r in zip(preds, references, strict=True)]
         rl = [metrics.rouge_l(p, r) for p, r in zip(preds, references, strict=True)]
+        f1 = [metrics.token_f1(p, r) for p, r in zip(preds, references, strict=True)]
         systems[system].update(
             exact_match=metrics.mean(em),
             rouge_l=metrics.mean(rl),
+            token_f1=metrics.mean(f1),
             json_validity=metrics.json_validity(preds, references),
+            **metrics.field_metrics(preds, references),
         )
         per_example[system] = em if primary == "exact_match" else rl
     examples = []
@@ -362,6 +394,9 @@ def _eval_sft(
                 },
                 "rouge_l": {
                     s: round(metrics.rouge_l(outputs[s][i], references[i]), 4) for s in outputs
+                },
+                "token_f1": {
+                    s: round(metrics.token_f1(outputs[s][i], references[i]), 4) for s in outputs
                 },
             }
         )
@@ -380,7 +415,8 @@ def _eval_sft(
         "systems": systems,
         "metric_definitions": {
             k: METRIC_DEFINITIONS[k]
-            for k in ("perplexity", "exact_match", "rouge_l", "json_validity")
+            for k in ("perplexity", "exact_match", "rouge_l", "token_f1", "json_validity")
+            + (_FIELD_KEYS if any(metrics.is_json_output(r) for r in references) else ())
         },
         "worst_examples": [
             {
