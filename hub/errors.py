@@ -106,6 +106,13 @@ class StoreCorrupt(LoradockError):
     exit_code = 4
 
 
+class DigestMismatch(StoreCorrupt):
+    """Files fetched from a remote differ from the digests they were published with."""
+
+    http_status = 502
+    code = "digest_mismatch"
+
+
 class DraftCard(LoradockError):
     """A model card still has items to complete and may not be published."""
 

@@ -14,9 +14,10 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hub.errors import InvalidInput, UnsafeWeights
@@ -74,16 +75,26 @@ def fingerprint(files: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def refuse_pickle(folder: Path) -> None:
+def is_pickle_name(name: str) -> bool:
+    """True if a file name has a pickle-based weights suffix (``.bin``, ``.pt``...)."""
+    return Path(name).suffix.lower() in PICKLE_SUFFIXES
+
+
+def refuse_pickle(folder: Path, *, shown: str | None = None) -> None:
     """Raise if ``folder`` holds weights in a pickle-based format.
+
+    Args:
+        folder: The folder to scan.
+        shown: How to name the folder in the error (default: its path).
 
     Raises:
         UnsafeWeights: Naming the first offending file.
     """
     for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        if path.is_file() and is_pickle_name(path.name):
             raise UnsafeWeights(
-                f"Refusing pickle weights {path.name!r} in {folder}: pickle can run code on load",
+                f"Refusing pickle weights {path.name!r} in {shown or folder}: pickle can run "
+                "code on load",
                 fix="Save the adapter as safetensors (PEFT: save_pretrained(..., "
                 "safe_serialization=True)) and remove the pickle file.",
             )
@@ -113,12 +124,83 @@ def safetensors_header(path: Path) -> dict[str, dict]:
     return {name: {"dtype": v["dtype"], "shape": list(v["shape"])} for name, v in header.items()}
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
+def copy_regular_tree(src: Path, dst: Path, *, skip: Callable[[str], bool]) -> None:
+    """Copy ``src`` into the new folder ``dst``: regular files and folders only.
+
+    Anything else refuses the whole copy with one clear error: a symlink (it could smuggle files
+    from elsewhere), a FIFO (reading it would block), a socket or a device. Each file is opened
+    without following links and checked again on the open descriptor, so an entry swapped for a
+    link or a FIFO after it was listed is refused too. Entries whose name ``skip`` accepts are
+    left out at every depth, and never looked at.
+
+    Raises:
+        InvalidInput: Naming the first entry that is not a regular file or folder.
+    """
+    src, dst = Path(src), Path(dst)
+    _copy_dir(src, dst, "", src, skip)
+
+
+def _copy_dir(src: Path, dst: Path, rel: str, root: Path, skip: Callable[[str], bool]) -> None:
+    os.mkdir(dst)
+    with os.scandir(src) as entries:
+        listed = sorted(entries, key=lambda e: e.name)
+    for entry in listed:
+        if skip(entry.name):
+            continue
+        shown = f"{rel}{entry.name}"
+        mode = entry.stat(follow_symlinks=False).st_mode
+        if stat.S_ISDIR(mode):
+            _copy_dir(Path(entry.path), dst / entry.name, f"{shown}/", root, skip)
+        elif stat.S_ISREG(mode):
+            _copy_file(Path(entry.path), dst / entry.name, shown, root)
+        else:
+            raise _not_regular(shown, mode, root)
+
+
+def _copy_file(src: Path, dst: Path, shown: str, root: Path) -> None:
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:  # ELOOP: swapped for a symlink since it was listed
+        if os.path.islink(src):
+            raise _not_regular(shown, stat.S_IFLNK, root) from None
+        raise InvalidInput(f"Cannot read {shown!r} in {root} ({exc.strerror})",
+                           fix="Check the file's permissions.") from None
+    with open(fd, "rb") as fin:
+        mode = os.fstat(fin.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(shown, mode, root)
+        with open(dst, "xb") as fout:
+            shutil.copyfileobj(fin, fout, _CHUNK)
+
+
+def _not_regular(shown: str, mode: int, root: Path) -> InvalidInput:
+    if stat.S_ISLNK(mode):
+        return InvalidInput(f"Refusing symlink {shown!r} in {root}",
+                            fix="Copy the real file into the folder instead of linking it.")
+    kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+            else "device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+    return InvalidInput(
+        f"Refusing {kind} {shown!r} in {root}: an adapter folder may hold only regular files "
+        "and folders",
+        fix=f"Remove {shown!r} from the folder.",
+    )
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` (and ``folder`` itself)."""
+    for path in Path(folder).rglob("*"):
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(folder)
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(Path(folder))
+
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder to disk (fsync), so that renames and new entries in it survive power loss."""
+    _fsync_dir(Path(folder))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -152,7 +234,7 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             old = final.parent / f"{TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
             final.rename(old)

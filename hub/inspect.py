@@ -30,33 +30,45 @@ _EMBEDDING_LEAVES = ("embed_tokens", "lm_head", "wte", "word_embeddings")
 _FIX_NOT_LORA = "Pass the folder written by PEFT's save_pretrained() for a LoRA adapter."
 
 
-def read_adapter_config(folder: Path) -> dict[str, Any]:
+def read_adapter_config(folder: Path, *, shown: str | None = None) -> dict[str, Any]:
     """Read and sanity-check ``adapter_config.json``.
+
+    Args:
+        folder: The adapter folder.
+        shown: How to name the folder in errors (default: its path).
 
     Raises:
         NotAnAdapter: If the file is missing, unreadable, or not a LoRA config.
     """
+    shown = shown or str(folder)
     path = Path(folder) / ADAPTER_CONFIG_FILE
     if not Path(folder).is_dir():
-        raise NotAnAdapter(f"{folder} is not a folder", fix=_FIX_NOT_LORA)
+        raise NotAnAdapter(f"{shown} is not a folder", fix=_FIX_NOT_LORA)
     if not path.is_file():
-        raise NotAnAdapter(f"{folder} is not a PEFT adapter (no {ADAPTER_CONFIG_FILE})",
+        raise NotAnAdapter(f"{shown} is not a PEFT adapter (no {ADAPTER_CONFIG_FILE})",
                            fix=_FIX_NOT_LORA)
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise NotAnAdapter(f"{path} is not valid JSON ({exc})", fix=_FIX_NOT_LORA) from exc
+        raise NotAnAdapter(f"{shown}/{ADAPTER_CONFIG_FILE} is not valid JSON ({exc})",
+                           fix=_FIX_NOT_LORA) from exc
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise NotAnAdapter(
-            f"{folder} is a PEFT {peft_type or 'unknown'} adapter, not LoRA",
+            f"{shown} is a PEFT {peft_type or 'unknown'} adapter, not LoRA",
             fix="loradock serves LoRA adapters only; train one with `loradock train`.",
         )
     return config
 
 
-def inspect_adapter(folder: Path, base: BaseInfo) -> Capabilities:
+def inspect_adapter(folder: Path, base: BaseInfo, *, shown: str | None = None) -> Capabilities:
     """Validate an adapter folder against ``base`` and return its capabilities.
+
+    Args:
+        folder: The folder to read (the store passes its private copy).
+        base: The base it must fit.
+        shown: How to name the folder in errors (the store passes the user's folder, so that
+            errors about the copy name what the user gave).
 
     Raises:
         UnsafeWeights: Pickle weights present.
@@ -64,23 +76,26 @@ def inspect_adapter(folder: Path, base: BaseInfo) -> Capabilities:
         Incompatible: Made for another base, or modules missing / shapes wrong on ``base``.
     """
     folder = Path(folder)
-    refuse_pickle(folder)
-    config = read_adapter_config(folder)
+    shown = shown or str(folder)
+    refuse_pickle(folder, shown=shown)
+    config = read_adapter_config(folder, shown=shown)
     weights = folder / ADAPTER_WEIGHTS_FILE
     if not weights.is_file():
-        raise NotAnAdapter(f"{folder} has no {ADAPTER_WEIGHTS_FILE}", fix=_FIX_NOT_LORA)
-    _check_base_reference(folder, config, base)
+        raise NotAnAdapter(f"{shown} has no {ADAPTER_WEIGHTS_FILE}", fix=_FIX_NOT_LORA)
+    name = Path(shown).name
+    _check_base_reference(folder, name, config, base)
     header = safetensors_header(weights)
-    return _capabilities(folder, config, header, base)
+    return _capabilities(name, config, header, base)
 
 
-def _check_base_reference(folder: Path, config: dict[str, Any], base: BaseInfo) -> None:
+def _check_base_reference(folder: Path, name: str, config: dict[str, Any],
+                          base: BaseInfo) -> None:
     manifest = AdapterManifest.read(folder)
     if manifest is not None and manifest.base.get("fingerprint"):
         if manifest.base["fingerprint"] == base.fingerprint:
             return
         raise Incompatible(
-            f"Adapter {folder.name!r} was trained on base fingerprint "
+            f"Adapter {name!r} was trained on base fingerprint "
             f"{manifest.base['fingerprint'][:12]} ({manifest.base.get('name')!r}), "
             f"not on {base.name!r} ({base.fingerprint[:12]})",
             fix=f"Register it with --base {manifest.base.get('name') or 'NAME'} "
@@ -93,7 +108,7 @@ def _check_base_reference(folder: Path, config: dict[str, Any], base: BaseInfo) 
     if not _is_existing_folder(reference) and reference.startswith(("/", ".", "~")):
         return  # a dead local path (LESSONS #5): the shape check below decides
     raise Incompatible(
-        f"Adapter {folder.name!r} names base_model_name_or_path={reference!r}, "
+        f"Adapter {name!r} names base_model_name_or_path={reference!r}, "
         f"which is not the base {base.name!r} ({base.hf_id or base.path})",
         fix=f"Pass the right --base, or add its base with `loradock hub add-base NAME PATH`"
         f" (or set base_model_name_or_path to {base.name!r} if it really was trained on it).",
@@ -119,7 +134,7 @@ def _same_local_base(reference: str, base: BaseInfo) -> bool:
 
 
 def _capabilities(
-    folder: Path, config: dict[str, Any], header: dict[str, dict], base: BaseInfo
+    name: str, config: dict[str, Any], header: dict[str, dict], base: BaseInfo
 ) -> Capabilities:
     ranks: list[int] = []
     leaves: set[str] = set()
@@ -138,13 +153,13 @@ def _capabilities(
         num_parameters += count
         dtype = dtype or meta["dtype"]
     if not pairs:
-        raise NotAnAdapter(f"{folder / ADAPTER_WEIGHTS_FILE} holds no LoRA tensors",
+        raise NotAnAdapter(f"{name}/{ADAPTER_WEIGHTS_FILE} holds no LoRA tensors",
                            fix=_FIX_NOT_LORA)
     for module, parts in sorted(pairs.items()):
         target = base.modules.get(module)
         if target is None:
             raise Incompatible(
-                f"Adapter {folder.name!r} targets module {module!r}, which base {base.name!r} "
+                f"Adapter {name!r} targets module {module!r}, which base {base.name!r} "
                 "does not have",
                 fix="Register it against the base it was trained on (--base).",
                 param="base",
@@ -157,7 +172,7 @@ def _capabilities(
             b_out, b_rank = parts["lora_B"]
             if a_in != in_features or b_out != out_features or b_rank != rank:
                 raise Incompatible(
-                    f"Adapter {folder.name!r}: {module} has lora_A {parts['lora_A']} and "
+                    f"Adapter {name!r}: {module} has lora_A {parts['lora_A']} and "
                     f"lora_B {parts['lora_B']}, but base {base.name!r} has weight "
                     f"[{out_features}, {in_features}]",
                     fix="This adapter was made for a model of another size; use its own base.",

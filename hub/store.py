@@ -7,11 +7,19 @@ Layout under ``LORADOCK_HOME`` (default ``~/.loradock``)::
     adapters/.tmp-PID-XXXX/       a registration in progress (invisible; cleaned when PID is gone)
     cache/                        converted embedded base (``LORADOCK_CACHE`` overrides)
 
-Crash safety: files are copied and hashed in a hidden folder, then, inside one ``BEGIN IMMEDIATE``
-transaction, the next version number is taken, the folder renamed into place and the row
-inserted. A process killed before the commit leaves at most an unindexed folder, which no reader
-sees and the next writer removes. Two processes registering the same name are serialised by
-SQLite's write lock and get distinct versions.
+Registration copies first and checks the copy: the source folder is copied (regular files and
+folders only; ``checkpoint-*`` and hidden entries left out) into a hidden folder, and every check
+(pickle, PEFT config, shapes, base) and the hashes run on that copy, so nothing swapped in the
+source meanwhile is stored unchecked. Inside one ``BEGIN IMMEDIATE`` transaction the next version
+number is taken, the fsynced folder renamed into place, the parent folder fsynced and the row
+inserted; SQLite commits with ``synchronous=FULL``. A process killed (or a machine losing power)
+before the commit leaves at most an unindexed folder, which no reader sees and the next writer
+removes. Two processes registering the same name are serialised by SQLite's write lock and get
+distinct versions.
+
+With a remote (``Store(remote="hf:ORG")``), `get` and `resolve` pull an adapter that is not in
+the store from the remote on first use, pinned and verified (`hub.remote`), once per name even
+when many threads or processes ask at once.
 
 Where the job ends: the store registers, lists, resolves, verifies and removes. Talking to remote
 hubs is `hub.remote`; checking adapters against bases is `hub.inspect`.
@@ -27,11 +35,11 @@ import os
 import shutil
 import sqlite3
 import stat
+import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hub.bases import (
     EMBEDDED_BASE,
@@ -41,11 +49,19 @@ from hub.bases import (
     embedded_extra,
     embedded_gguf_path,
 )
-from hub.errors import Conflict, InvalidInput, NotFound, StoreCorrupt
-from hub.files import TMP_PREFIX, fingerprint, hash_tree, refuse_symlinks, sha256_file
+from hub.errors import Conflict, DigestMismatch, InvalidInput, NotAnAdapter, NotFound, StoreCorrupt
+from hub.files import (
+    TMP_PREFIX,
+    copy_regular_tree,
+    fsync_dir,
+    fsync_tree,
+    hash_tree,
+    sha256_file,
+)
 from hub.inspect import inspect_adapter
 from hub.manifest import ADAPTER_CONFIG_FILE, AdapterManifest, Capabilities
 from hub.names import ModelRef, parse_adapter_ref, validate_name
+from hub.records import AdapterRecord, Resolved, VerifyReport
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bases (
@@ -71,6 +87,27 @@ CREATE TABLE IF NOT EXISTS last_versions (
 );
 """
 _SKIP_ON_COPY = ("checkpoint-", ".")
+_FLIGHTS: dict[tuple[str, str], threading.Lock] = {}
+_FLIGHTS_LOCK = threading.Lock()
+
+
+def skipped_on_copy(name: str) -> bool:
+    """True for entries registration leaves out (``checkpoint-*`` folders, hidden entries)."""
+    return name.startswith(_SKIP_ON_COPY)
+
+
+class AdapterSource(Protocol):
+    """Where a store pulls adapters it does not hold (`hub.remote.HfRemote`)."""
+
+    spec: str
+
+    def fetch(self, store: Store, name: str, version: int | None) -> AdapterRecord:
+        """Pull ``name@version`` (latest when None) into ``store`` and return its record.
+
+        Raises:
+            NotFound: The remote has no such adapter or version.
+        """
+        ...
 
 
 def default_home() -> Path:
@@ -82,95 +119,25 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@dataclass
-class AdapterRecord:
-    """One registered adapter version.
-
-    Attributes:
-        name: Adapter name.
-        version: 1, 2, ...
-        base: Base model name it is registered against.
-        path: Its immutable folder in the store.
-        files: ``{relative path: sha256}`` recorded at registration.
-        capabilities: What engines need to know (rank, DoRA, modules_to_save...).
-        manifest: The training manifest, if the folder had one.
-        parent: ``NAME@V`` this adapter was trained from, if any.
-        source: Where it was registered from (a local path or ``hf://ORG/NAME@REV``).
-        created_at: UTC timestamp.
-    """
-
-    name: str
-    version: int
-    base: str
-    path: Path
-    files: dict[str, str]
-    capabilities: Capabilities
-    manifest: AdapterManifest | None = None
-    parent: str | None = None
-    source: str = ""
-    created_at: str = ""
-
-    @property
-    def model(self) -> str:
-        """The model string apps send: ``BASE+NAME@V``."""
-        return f"{self.base}+{self.name}@{self.version}"
-
-    @property
-    def digest(self) -> str:
-        """One sha256 over all files: a stable identity for this version's content."""
-        return fingerprint(self.files)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict (what ``hub show --json`` prints)."""
-        return {
-            "kind": "adapter",
-            "name": self.name,
-            "version": self.version,
-            "base": self.base,
-            "model": self.model,
-            "path": str(self.path),
-            "digest": self.digest,
-            "parent": self.parent,
-            "source": self.source,
-            "created_at": self.created_at,
-            "capabilities": self.capabilities.to_dict(),
-            "files": self.files,
-            "manifest": self.manifest.to_dict() if self.manifest else None,
-        }
-
-
-@dataclass
-class Resolved:
-    """A model string resolved against the store."""
-
-    base: BaseInfo
-    adapter: AdapterRecord | None = None
-
-    @property
-    def model(self) -> str:
-        """Canonical model string with the version pinned."""
-        return self.adapter.model if self.adapter else self.base.name
-
-
-@dataclass
-class VerifyReport:
-    """What ``hub verify`` found."""
-
-    checked: int = 0
-    corrupt: dict[str, list[str]] = field(default_factory=dict)
-    leftovers_removed: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when every recorded file is present and unchanged."""
-        return not self.corrupt
-
-
 class Store:
     """The adapter store rooted at ``home`` (see the module docstring for the layout)."""
 
-    def __init__(self, home: Path | None = None, cache: Path | None = None) -> None:
+    def __init__(self, home: Path | None = None, cache: Path | None = None, *,
+                 remote: str | AdapterSource | None = None) -> None:
+        """Open (creating if needed) the store at ``home``.
+
+        Args:
+            home: Store root (default `default_home`).
+            cache: Converted-base cache (default ``$LORADOCK_CACHE`` or ``home/cache``).
+            remote: Pull adapters missing here from this remote on first use: ``hf`` or
+                ``hf:ORG`` (see `hub.remote.open_remote`), or an `AdapterSource`.
+        """
         self.home = Path(home) if home else default_home()
+        if isinstance(remote, str):
+            from hub.remote import open_remote
+
+            remote = open_remote(remote)
+        self.remote: AdapterSource | None = remote
         env_cache = os.environ.get("LORADOCK_CACHE")
         self.cache = Path(cache) if cache else Path(env_cache) if env_cache else self.home / "cache"
         self.adapters_dir = self.home / "adapters"
@@ -186,6 +153,7 @@ class Store:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self._db_path, timeout=60, isolation_level=None)
         db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when COMMIT returns
         try:
             yield db
         finally:
@@ -281,8 +249,12 @@ class Store:
         *,
         parent: str | None = None,
         source: str | None = None,
+        version: int | None = None,
+        expect: dict[str, str] | None = None,
     ) -> AdapterRecord:
         """Copy a PEFT LoRA folder into the store as the next version of ``name``.
+
+        Every check runs on the store's private copy (see the module docstring).
 
         Args:
             src: The adapter folder.
@@ -290,46 +262,49 @@ class Store:
             base: Registered base name the adapter must fit.
             parent: ``NAME@V`` this adapter was trained from (recorded as lineage).
             source: What to record as the origin (defaults to the resolved ``src``).
+            version: Register exactly this version (a pull keeping the Hub's ``vN``) instead
+                of the next one.
+            expect: ``{relative path: sha256}`` the copy must equal exactly (a pull's digests).
 
         Returns:
             The new record.
 
         Raises:
             InvalidName, NotFound, NotAnAdapter, UnsafeWeights, Incompatible: see `inspect_adapter`.
+            InvalidInput: A symlink, FIFO or other special file in the folder.
+            Conflict: ``version`` is already registered.
+            DigestMismatch: The copy differs from ``expect``.
         """
         validate_name(name)
         src = Path(src)
         base_info = self.base(base)
-        capabilities = inspect_adapter(src, base_info)
-        refuse_symlinks(src)
-        manifest = AdapterManifest.read(src)
-        if parent is None and manifest is not None:
-            parent = manifest.parent
+        if not src.is_dir():
+            raise NotAnAdapter(f"{src} is not a folder",
+                               fix="Pass the folder written by PEFT's save_pretrained().")
         self._remove_dead_tmp()
         tmp = self.adapters_dir / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            shutil.copytree(src, tmp, ignore=_ignore_on_copy, symlinks=True)
-            self._normalise_config(tmp, base_info)
+            copy_regular_tree(src, tmp, skip=skipped_on_copy)
+            capabilities = inspect_adapter(tmp, base_info, shown=str(src))
+            manifest = AdapterManifest.read(tmp)
+            if parent is None and manifest is not None:
+                parent = manifest.parent
             files = hash_tree(tmp)
+            if expect is not None and files != expect:
+                raise _digest_mismatch(src, files, expect)
+            if self._normalise_config(tmp, base_info):
+                files[ADAPTER_CONFIG_FILE] = sha256_file(tmp / ADAPTER_CONFIG_FILE)
             _make_read_only(tmp)
+            fsync_tree(tmp)
             with self._write() as db:
-                # Version numbers are never reused, even after `remove`: NAME@V is immutable.
-                row = db.execute(
-                    "SELECT MAX(COALESCE((SELECT MAX(version) FROM adapters WHERE name=?), 0),"
-                    " COALESCE((SELECT version FROM last_versions WHERE name=?), 0)) AS v",
-                    (name, name),
-                ).fetchone()
-                version = int(row["v"]) + 1
-                db.execute(
-                    "INSERT INTO last_versions (name, version) VALUES (?, ?) ON CONFLICT(name)"
-                    " DO UPDATE SET version=excluded.version",
-                    (name, version),
-                )
+                version = self._take_version(db, name, version)
                 final = self.adapters_dir / name / f"v{version}"
                 if final.exists():  # unindexed leftover of a writer killed after its rename
                     _rmtree(final)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp.rename(final)
+                fsync_dir(final.parent)
+                fsync_dir(self.adapters_dir)
                 record = AdapterRecord(
                     name=name,
                     version=version,
@@ -362,12 +337,66 @@ class Store:
                 _rmtree(tmp)
         return record
 
+    @staticmethod
+    def _take_version(db: sqlite3.Connection, name: str, wanted: int | None) -> int:
+        """The version to register (inside the write transaction); never reuses a number."""
+        row = db.execute(
+            "SELECT MAX(COALESCE((SELECT MAX(version) FROM adapters WHERE name=?), 0),"
+            " COALESCE((SELECT version FROM last_versions WHERE name=?), 0)) AS v",
+            (name, name),
+        ).fetchone()
+        last = int(row["v"])
+        if wanted is None:
+            version = last + 1
+        else:
+            taken = db.execute("SELECT 1 FROM adapters WHERE name=? AND version=?",
+                               (name, wanted)).fetchone()
+            if taken is not None or wanted < 1:
+                raise Conflict(f"Adapter {name}@{wanted} is already registered",
+                               fix="Remove it first or register under another name.")
+            version = wanted
+        db.execute(
+            "INSERT INTO last_versions (name, version) VALUES (?, ?) ON CONFLICT(name)"
+            " DO UPDATE SET version=MAX(version, excluded.version)",
+            (name, version),
+        )
+        return version
+
     def get(self, name: str, version: int | None = None) -> AdapterRecord:
         """Return ``name@version`` (latest when ``version`` is None).
 
+        With a remote, a name (or version) the store does not hold is pulled from it first;
+        once pulled, the local copy answers (``NAME`` alone then means the newest version held
+        here: pin ``NAME@V`` to ask for a later one).
+
         Raises:
-            NotFound: No such adapter or version.
+            NotFound: No such adapter or version (here, nor on the remote).
+            RemoteError, DigestMismatch: The remote failed, or sent files that do not verify.
         """
+        try:
+            return self._get_local(name, version)
+        except NotFound:
+            if self.remote is None:
+                raise
+        return self._pull_once(name, version)
+
+    def _pull_once(self, name: str, version: int | None) -> AdapterRecord:
+        """Pull from the remote, one download per name across threads and processes."""
+        key = (str(self.home), name)
+        with _FLIGHTS_LOCK:
+            flight = _FLIGHTS.setdefault(key, threading.Lock())
+        locks = self.home / ".locks"
+        locks.mkdir(exist_ok=True)
+        with flight, open(locks / f"pull-{name}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:  # whoever held the lock before may have pulled it
+                return self._get_local(name, version)
+            except NotFound:
+                pass
+            assert self.remote is not None
+            return self.remote.fetch(self, name, version)
+
+    def _get_local(self, name: str, version: int | None) -> AdapterRecord:
         validate_name(name)
         with self._connect() as db:
             if version is None:
@@ -457,7 +486,7 @@ class Store:
 
     def remove(self, name: str, version: int) -> AdapterRecord:
         """Remove one version: the row first (so readers stop seeing it), then its folder."""
-        record = self.get(name, version)
+        record = self._get_local(name, version)
         with self._write() as db:
             db.execute("DELETE FROM adapters WHERE name=? AND version=?", (name, version))
         trash = self.adapters_dir / f"{TMP_PREFIX}{os.getpid()}-rm-{uuid.uuid4().hex[:8]}"
@@ -470,14 +499,13 @@ class Store:
         """Re-hash every registered file and clean leftovers of killed writers.
 
         Unindexed folders (a writer killed between rename and commit) and dead ``.tmp-*``
-        folders are removed; they were never visible.
+        folders are removed; they were never visible. What is indexed is read again under the
+        write lock, so a version registered while the files were being hashed is kept.
         """
         report = VerifyReport()
         report.leftovers_removed = [str(p) for p in self._remove_dead_tmp()]
-        indexed: set[Path] = set()
         for record in self.list():
             report.checked += 1
-            indexed.add(record.path)
             bad = [
                 rel
                 for rel, digest in record.files.items()
@@ -491,7 +519,11 @@ class Store:
                 bad += sorted(present - set(record.files))
             if bad:
                 report.corrupt[f"{record.name}@{record.version}"] = bad
-        with self._write():  # no registration may be between rename and commit meanwhile
+        with self._write() as db:  # no registration may be between rename and commit meanwhile
+            rows = db.execute("SELECT name, version FROM adapters").fetchall()
+            indexed = {self.adapters_dir / r["name"] / f"v{r['version']}" for r in rows}
+            still = {f"{r['name']}@{r['version']}" for r in rows}
+            report.corrupt = {k: v for k, v in report.corrupt.items() if k in still}
             for name_dir in self.adapters_dir.iterdir():
                 if not name_dir.is_dir() or name_dir.name.startswith(TMP_PREFIX):
                     continue
@@ -537,14 +569,20 @@ class Store:
         )
 
     @staticmethod
-    def _normalise_config(folder: Path, base: BaseInfo) -> None:
-        """Point ``base_model_name_or_path`` at the hub's base id, not a local path."""
+    def _normalise_config(folder: Path, base: BaseInfo) -> bool:
+        """Point ``base_model_name_or_path`` at the hub's base id, not a local path.
+
+        Returns:
+            True when the file was rewritten.
+        """
         path = folder / ADAPTER_CONFIG_FILE
         config = json.loads(path.read_text())
         wanted = base.hf_id or base.name
-        if config.get("base_model_name_or_path") != wanted:
-            config["base_model_name_or_path"] = wanted
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if config.get("base_model_name_or_path") == wanted:
+            return False
+        config["base_model_name_or_path"] = wanted
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return True
 
     def _remove_dead_tmp(self) -> list[Path]:
         removed = []
@@ -557,9 +595,18 @@ class Store:
         return removed
 
 
-def _ignore_on_copy(directory: str, names: list[str]) -> list[str]:
-    del directory
-    return [n for n in names if n.startswith(_SKIP_ON_COPY)]
+def _digest_mismatch(src: Path, files: dict[str, str], expect: dict[str, str]) -> DigestMismatch:
+    changed = sorted(k for k in files.keys() & expect.keys() if files[k] != expect[k])
+    missing = sorted(expect.keys() - files.keys())
+    extra = sorted(files.keys() - expect.keys())
+    parts = [f"changed: {', '.join(changed)}"] if changed else []
+    parts += [f"missing: {', '.join(missing)}"] if missing else []
+    parts += [f"unexpected: {', '.join(extra)}"] if extra else []
+    return DigestMismatch(
+        f"The files of {src.name} do not match the digests they were published with "
+        f"({'; '.join(parts)})",
+        fix="Do not use this copy; ask the publisher to push the version again.",
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -595,9 +642,11 @@ def _rmtree(folder: Path) -> None:
 
 __all__ = [
     "AdapterRecord",
+    "AdapterSource",
     "InvalidInput",
     "Resolved",
     "Store",
     "VerifyReport",
     "default_home",
+    "skipped_on_copy",
 ]
