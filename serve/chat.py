@@ -24,6 +24,7 @@ from hub.bases import BaseInfo
 from hub.errors import InvalidInput, Unsupported
 from hub.manifest import CHAT_TEMPLATE_FILE
 from hub.store import AdapterRecord
+from serve.grammar import Grammars
 
 # Turn-end tokens of common chat formats that should end generation when the vocabulary has them.
 _END_TOKENS = ("<|im_end|>",)
@@ -77,6 +78,29 @@ class Formatter:
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         self._byte_level = type(decoder).__name__ == "ByteLevel"
         self._byte_table = _byte_level_decoder() if self._byte_level else {}
+        self._grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        """Output constraints compiled for this tokenizer (built at first use, then cached)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.model_vocab_size(),
+                                      self.stop_token_ids)
+        return self._grammars
+
+    def model_vocab_size(self) -> int:
+        """Columns of the model's logits: ``config.json``'s ``vocab_size`` (else the tokenizer's).
+
+        It may exceed the tokenizer's length (padded embeddings); masks must cover it.
+        """
+        import json
+
+        config = Path(self.base.path) / "config.json"
+        if config.is_file():
+            value = json.loads(config.read_text()).get("vocab_size")
+            if isinstance(value, int) and value > 0:
+                return value
+        return len(self.tokenizer)
 
     # -- prompts --------------------------------------------------------------------------
 

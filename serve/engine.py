@@ -18,7 +18,7 @@ import importlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from hub.bases import BaseInfo
 from hub.errors import InvalidInput
@@ -61,7 +61,22 @@ class EngineConfig:
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` means greedy."""
+    """How to pick tokens. ``temperature == 0`` means greedy.
+
+    The processing order and each rule's definition are in `serve.runtime.sampling`.
+
+    Attributes:
+        top_k: Keep the ``top_k`` most likely tokens (0 or -1: off).
+        min_p: Drop tokens less likely than ``min_p`` times the most likely one (0: off).
+        presence_penalty: Subtracted once from a token's logit if it was generated before.
+        frequency_penalty: Subtracted from a token's logit per time it was generated.
+        repetition_penalty: Divides positive / multiplies negative logits of tokens seen in the
+            prompt or the output (1: off).
+        logit_bias: ``{token_id: bias}`` added to the logits.
+        constraint: A compiled output constraint (`serve.grammar.Constraint`), or None. Opaque
+            to the scheduler: the peft engine's sampler turns it into a token matcher, the
+            vllm and llama.cpp engines translate its source schema.
+    """
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -70,6 +85,13 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    constraint: Any = None
 
 
 @dataclass
