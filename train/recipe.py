@@ -33,8 +33,12 @@ from typing import Any, Literal
 from hub.errors import InvalidInput, InvalidName
 from hub.names import parse_adapter_ref, validate_name
 from train.data import FormatChoice, PiiPolicy
+from train.data.hub_source import is_hub_dataset, parse_hub_dataset
 
-Method = Literal["sft", "dpo"]
+Method = Literal["sft", "dpo", "orpo", "kto"]
+Optim = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
+Tracker = Literal["none", "tensorboard", "mlflow", "wandb"]
+PREFERENCE_METHODS = ("dpo", "orpo", "kto")
 Schedule = Literal["cosine", "linear", "constant"]
 
 
@@ -50,9 +54,18 @@ class Recipe:
     """One training run. Field help is in each field's metadata (see `field_help`)."""
 
     # -- what to train --------------------------------------------------------------------
-    data: str = _f("", "Dataset file (JSONL, JSON or CSV), relative to the recipe's folder.")
+    data: str = _f(
+        "",
+        "Dataset file (JSONL, JSON, CSV or Parquet), relative to the recipe's folder, or a Hub "
+        "dataset hf://datasets/ORG/NAME[@REV][/FILE] (its commit sha is recorded).",
+    )
     base: str = _f("smollm2", "Base model name in the hub.")
-    method: Method = _f("sft", "sft: supervised fine-tuning; dpo: preference pairs (DPO).")
+    method: Method = _f(
+        "sft",
+        "sft: supervised fine-tuning; dpo: preference pairs (DPO, a frozen reference); orpo: "
+        "preference pairs, SFT loss plus an odds-ratio penalty, no reference model; kto: "
+        "preference pairs unpaired into desirable/undesirable examples (KTO).",
+    )
     format: FormatChoice = _f("auto", "Dataset format; auto detects it from the keys.")
     parent: str | None = _f(
         None, "Adapter NAME[@V] in the hub to start from (e.g. DPO on an SFT adapter)."
@@ -62,6 +75,9 @@ class Recipe:
     # -- data preparation -----------------------------------------------------------------
     pii: PiiPolicy = _f("redact", "Rows with personal data: drop, redact or keep.")
     splits: list[float] = _f([0.8, 0.1, 0.1], "Train/validation/test fractions.")
+    min_answer_tokens: int = _f(
+        1, "Rows with an answer shorter than this many tokens are dropped (1: only empty ones)."
+    )
     system_prompt: str = _f(
         "", "System message added to conversations that have none (recorded on the card)."
     )
@@ -72,8 +88,18 @@ class Recipe:
     target_modules: list[str] | str = _f(
         "all-linear", "Modules that get LoRA: a list (q_proj, v_proj, ...) or all-linear."
     )
+    use_dora: bool = _f(
+        False,
+        "Train DoRA (weight-decomposed LoRA). The server refuses DoRA adapters; only merged "
+        "exports (loradock export merged/gguf) can serve them, and the manifest says so.",
+    )
     # -- optimisation ---------------------------------------------------------------------
     learning_rate: float = _f(2e-4, "Peak learning rate.")
+    optim: Optim = _f(
+        "adamw_torch",
+        "Optimizer: adamw_torch, adamw_8bit, paged_adamw_8bit or paged_adamw_32bit "
+        "(bitsandbytes; 8-bit and paged need CUDA; on CPU the run uses adamw_torch and says so).",
+    )
     epochs: float = _f(1.0, "Passes over the train split (ignored when max_steps > 0).")
     max_steps: int = _f(0, "Optimizer steps to run; 0 means use epochs.")
     batch_size: int = _f(4, "Rows per device step.")
@@ -85,9 +111,27 @@ class Recipe:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
     gradient_checkpointing: bool = _f(False, "Recompute activations to save memory (slower).")
     assistant_only_loss: bool = _f(True, "SFT loss on assistant tokens only.")
-    beta: float = _f(0.1, "DPO beta (strength of the pull towards the reference model).")
+    packing: bool = _f(
+        False,
+        "SFT: pack rows into max_seq_len sequences without padding (TRL's padding-free "
+        "best-fit packing; attention stays within each row).",
+    )
+    neftune_noise_alpha: float | None = _f(
+        None, "NEFTune: noise added to embeddings during SFT (e.g. 5); null disables it."
+    )
+    beta: float = _f(
+        0.1,
+        "Preference strength: DPO/KTO beta (pull towards the reference model); ORPO's lambda "
+        "(weight of the odds-ratio term).",
+    )
     seed: int = _f(0, "Seed for the split, LoRA init and data order.")
     threads: int = _f(0, "Torch CPU threads; 0 picks the default (see train.threads).")
+    report_to: Tracker = _f(
+        "none",
+        "Experiment tracker: tensorboard (runs in OUTPUT.runs/tensorboard), mlflow (a local "
+        "file store OUTPUT.runs/mlflow unless MLFLOW_TRACKING_URI is set) or wandb (offline in "
+        "OUTPUT.runs/wandb unless WANDB_MODE is set); its location goes into the manifest.",
+    )
     # -- validation, early stopping, checkpoints ------------------------------------------
     logging_steps: int = _f(5, "Log train loss every N optimizer steps.")
     eval_steps: int = _f(25, "Validation loss every N optimizer steps; 0 disables it.")
@@ -324,7 +368,8 @@ def build_recipe(
             continue
         kwargs[key] = coerced
     recipe = Recipe(**kwargs)
-    if recipe.data and base_dir is not None and not Path(recipe.data).is_absolute():
+    if (recipe.data and base_dir is not None and not Path(recipe.data).is_absolute()
+            and not is_hub_dataset(recipe.data)):
         recipe.data = str((base_dir / recipe.data).resolve())
     bad = {str(k) for k in values} - set(kwargs)
     problems += validate(recipe, skip=bad)
@@ -351,7 +396,12 @@ def validate(recipe: Recipe, skip: set[str] | None = None) -> list[str]:
             p.append(f"{name}: {getattr(recipe, name)!r} {what}")
 
     need(bool(recipe.data), "data", "is missing; give the dataset file")
-    if recipe.data:
+    if recipe.data and is_hub_dataset(recipe.data) and "data" not in skip:
+        try:
+            parse_hub_dataset(recipe.data)
+        except InvalidInput as exc:
+            p.append(f"data: {exc.one_line()}")
+    elif recipe.data:
         need(Path(recipe.data).is_file(), "data", "is not a file")
     need(bool(recipe.output), "output", "is missing; give the adapter folder to write")
     for name, what in (("base", "base name"), ("parent", "adapter name")):
@@ -377,6 +427,11 @@ def validate(recipe: Recipe, skip: set[str] | None = None) -> list[str]:
          "must be a ratio < 1 or a whole number of steps")
     need(16 <= recipe.max_seq_len <= 32768, "max_seq_len", "must be in [16, 32768]")
     need(recipe.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+    need(recipe.min_answer_tokens >= 1, "min_answer_tokens", "must be >= 1")
+    if recipe.neftune_noise_alpha is not None:
+        need(recipe.neftune_noise_alpha > 0, "neftune_noise_alpha", "must be > 0 or null")
+        need(recipe.method == "sft", "neftune_noise_alpha", "applies to method: sft only")
+    need(not recipe.packing or recipe.method == "sft", "packing", "applies to method: sft only")
     if recipe.max_eval_examples is not None:
         need(recipe.max_eval_examples > 0, "max_eval_examples", "must be > 0 or null")
     if isinstance(recipe.target_modules, str):

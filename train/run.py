@@ -36,6 +36,7 @@ RUN_FILE = "run.json"
 RESUME_MAY_CHANGE = frozenset({
     "output", "overwrite", "keep_checkpoints", "threads", "few_shot_k", "max_eval_examples",
     "max_new_tokens", "eval_prompts", "intended_use", "out_of_scope_use", "license", "card",
+    "report_to",
 })
 
 
@@ -125,16 +126,19 @@ def _resolve_parent(store: Store, recipe: Recipe, base: BaseInfo) -> tuple[str |
 def _prepare_data(recipe: Recipe, tokenizer: Any, data_dir: Path) -> Any:
     """Prepare the splits once per run (a resume reuses them), system prompt added."""
     from train.data import SPLIT_FILES, prepare_dataset, read_report, read_split
+    from train.data.hub_source import resolve_source
     from train.sft import with_system_prompt
 
     if (data_dir / "data_report.json").is_file():
         return read_report(data_dir)
     tmp = data_dir.parent / f".{data_dir.name}-prepare"
     shutil.rmtree(tmp, ignore_errors=True)
+    source, origin = resolve_source(recipe.data)  # hf://datasets/... -> a pinned local file
     report = prepare_dataset(
-        Path(recipe.data), tmp, fmt=recipe.format, tokenizer=tokenizer,
+        source, tmp, fmt=recipe.format, tokenizer=tokenizer,
         max_seq_len=recipe.max_seq_len, pii=recipe.pii, seed=recipe.seed,
         splits=tuple(recipe.splits), overwrite=True,
+        min_answer_tokens=recipe.min_answer_tokens, origin=origin,
     )
     if recipe.system_prompt:
         # In the split files, so that evaluation and serving see the same conversations.

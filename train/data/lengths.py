@@ -6,7 +6,12 @@ tokens (the template already writes them). A preference row's length is the long
 prompt + chosen and prompt + rejected. Note that some templates add a default system turn when
 the row has none (SmolLM2 does); those tokens count, because training sees them too.
 
-Where the job ends: this module measures; dropping rows over ``max_seq_len`` is the pipeline's.
+An answer's length (`answer_lengths`, for ``min_answer_tokens``) is the number of tokens of its
+content alone, without the template: the shortest assistant turn of an SFT row, the shorter of
+chosen and rejected for a preference row.
+
+Where the job ends: this module measures; dropping rows over ``max_seq_len`` or under
+``min_answer_tokens`` is the pipeline's.
 """
 
 from __future__ import annotations
@@ -77,3 +82,29 @@ def token_lengths(rows: list[dict[str, Any]], tokenizer) -> list[tuple[int, int]
         result[owner] = (max(length, count), counted if owner in seen else count)
         seen.add(owner)
     return result
+
+
+def answers(row: dict[str, Any]) -> list[str]:
+    """The answer texts of a canonical row (assistant turns; preference: chosen, rejected)."""
+    if "messages" in row:
+        return [t["content"] for t in row["messages"] if t["role"] == "assistant"]
+    return [row["chosen"][0]["content"], row["rejected"][0]["content"]]
+
+
+def answer_lengths(rows: list[dict[str, Any]], tokenizer) -> list[int]:
+    """The shortest answer of each row in tokens (content only, no special tokens)."""
+    texts: list[str] = []
+    owners: list[int] = []
+    for index, row in enumerate(rows):
+        for text in answers(row):
+            texts.append(text)
+            owners.append(index)
+    counts: list[int] = []
+    for start in range(0, len(texts), _BATCH):
+        encoded = tokenizer(texts[start : start + _BATCH], add_special_tokens=False)
+        counts.extend(len(ids) for ids in encoded["input_ids"])
+    result: list[int | None] = [None] * len(rows)
+    for owner, count in zip(owners, counts, strict=True):
+        current = result[owner]
+        result[owner] = count if current is None else min(current, count)
+    return [r or 0 for r in result]

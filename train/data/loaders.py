@@ -1,4 +1,4 @@
-"""Reading dataset files into raw rows with their source line numbers: JSONL, JSON and CSV/TSV.
+"""Reading dataset files into raw rows with source line numbers: JSONL, JSON, CSV/TSV, Parquet.
 
 Line numbers are 1-based and are what every problem report quotes:
 
@@ -6,6 +6,7 @@ Line numbers are 1-based and are what every problem report quotes:
 - CSV/TSV: the physical file line where the record starts, counting the header as line 1 (so
   the first data row is line 2; a quoted cell spanning lines moves later rows down).
 - JSON (a list of objects): the item's index + 1 (not a file line).
+- Parquet (read with pyarrow, which `datasets` brings): the row's index + 1.
 
 A row that cannot be read (bad JSON, not an object, wrong number of CSV cells) becomes a
 `RawRow` with ``error`` set, so one bad line never stops the run. A file that cannot be read at
@@ -28,13 +29,14 @@ from typing import Any, Literal
 
 from hub.errors import InvalidInput
 
-FileType = Literal["jsonl", "json", "csv", "tsv"]
+FileType = Literal["jsonl", "json", "csv", "tsv", "parquet"]
 SUFFIXES: dict[str, FileType] = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".json": "json",
     ".csv": "csv",
     ".tsv": "tsv",
+    ".parquet": "parquet",
 }
 # CSV cells in these columns may hold a JSON list of messages, e.g. [{"role": "user", ...}].
 MESSAGE_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
@@ -220,9 +222,24 @@ def read_tsv(path: Path) -> list[RawRow]:
     return _read_delimited(path, "\t")
 
 
+def read_parquet(path: Path) -> list[RawRow]:
+    """Read a Parquet file (one row per record; nested lists of messages stay lists)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise InvalidInput(
+            f"Cannot read {path} as Parquet: {exc}", fix="Give a valid Parquet file.",
+            param="FILE",
+        ) from exc
+    return [_as_row(record, index + 1) for index, record in enumerate(table.to_pylist())]
+
+
 LOADERS: dict[FileType, Callable[[Path], list[RawRow]]] = {
     "jsonl": read_jsonl,
     "json": read_json,
     "csv": read_csv,
     "tsv": read_tsv,
+    "parquet": read_parquet,
 }

@@ -3,9 +3,9 @@
 `check_dataset` reports; `prepare_dataset` also writes the three splits and ``data_report.json``
 atomically into one folder. Order of work on each row: read (`loaders`) -> canonical row
 (`formats`) -> structure (`checks`) -> personal data (`pii`, policy drop/redact/keep) -> token
-length (`lengths`, when a tokenizer is given) -> duplicates (`dedup`, on the redacted text) ->
-split (`split`). Every dropped row is reported once, under the first reason found. A file with no
-usable row raises `NoUsableRows` (an `InvalidInput` carrying the report).
+length and answer length (`lengths`, when a tokenizer is given) -> duplicates (`dedup`, on the
+redacted text) -> split (`split`). Every dropped row is reported once, under the first reason
+found. A file with no usable row raises `NoUsableRows` (an `InvalidInput` carrying the report).
 
 Where the job ends: this module runs the steps and writes files; each step's rules live in its
 own module, and the tokenizer is chosen and loaded by the caller.
@@ -23,7 +23,7 @@ from hub.files import atomic_dir, sha256_file
 from train.data.checks import check_row
 from train.data.dedup import find_duplicates
 from train.data.formats import Format, RowError, detect_format
-from train.data.lengths import token_lengths
+from train.data.lengths import answer_lengths, token_lengths
 from train.data.loaders import RawRow, read_rows
 from train.data.pii import PII_POLICIES, PiiPolicy, find_pii, redact
 from train.data.report import SPLIT_NAMES, DataReport, Problem
@@ -101,15 +101,27 @@ def _normalise_rows(raw_rows: list[RawRow], form: Format | None, pii: str, repor
     return rows
 
 
-def _drop_long(rows: list[dict[str, Any]], tokenizer, max_seq_len: int, report: DataReport):
-    """Rows within ``max_seq_len`` tokens, with their (length, counted tokens)."""
+def _check_lengths(
+    rows: list[dict[str, Any]], tokenizer, max_seq_len: int, min_answer_tokens: int,
+    report: DataReport,
+):
+    """Rows within ``max_seq_len`` whose answers reach ``min_answer_tokens``, with their sizes.
+
+    Sizes are ``(length, counted tokens)`` per kept row.
+    """
     if tokenizer is None:
         return rows, [(0, 0)] * len(rows)
     kept, sizes = [], []
-    for row, (length, counted) in zip(rows, token_lengths(rows, tokenizer), strict=True):
+    lengths = token_lengths(rows, tokenizer)
+    shortest = answer_lengths(rows, tokenizer)
+    for row, (length, counted), answer in zip(rows, lengths, shortest, strict=True):
         if length > max_seq_len:
             detail = f"{length} tokens > max_seq_len {max_seq_len}"
             report.add(Problem(row["line"], "too_long", detail))
+            continue
+        if answer < min_answer_tokens:
+            detail = f"answer of {answer} token(s) < min_answer_tokens {min_answer_tokens}"
+            report.add(Problem(row["line"], "too_short", detail))
             continue
         kept.append(row)
         sizes.append((length, counted))
@@ -117,10 +129,16 @@ def _drop_long(rows: list[dict[str, Any]], tokenizer, max_seq_len: int, report: 
 
 
 def _analyse(
-    source: Path, fmt: str, tokenizer, max_seq_len: int, pii: str
+    source: Path, fmt: str, tokenizer, max_seq_len: int, pii: str, min_answer_tokens: int = 1
 ) -> tuple[DataReport, list[dict[str, Any]], list[list[int]]]:
     """Run every check; return the report, the kept rows and their near-duplicate groups."""
     _validate(max_seq_len, pii)
+    if not isinstance(min_answer_tokens, int) or min_answer_tokens < 1:
+        raise InvalidInput(
+            f"Invalid min_answer_tokens {min_answer_tokens!r}",
+            fix="Give a whole number of tokens >= 1 (1 only rejects empty answers).",
+            param="min_answer_tokens",
+        )
     source = Path(source)
     file_type, raw_rows = read_rows(source)
     if not raw_rows:
@@ -137,17 +155,23 @@ def _analyse(
         pii_policy=pii,
         max_seq_len=max_seq_len,
         length_checked=tokenizer is not None,
+        min_answer_tokens=min_answer_tokens,
     )
     rows = _normalise_rows(raw_rows, form, pii, report)
-    rows, sizes = _drop_long(rows, tokenizer, max_seq_len, report)
+    rows, sizes = _check_lengths(rows, tokenizer, max_seq_len, min_answer_tokens, report)
     duplicates, groups = find_duplicates(rows)
     for dup in duplicates:
         line, twin = rows[dup.index]["line"], rows[dup.twin]["line"]
         if dup.exact:
             report.add(Problem(line, "exact_duplicate", f"same as line {twin}"))
-        else:
-            detail = f"near twin of line {twin}; kept in its split"
+        elif dup.relation == "near":
+            how = "same normalised text" if dup.similarity == 1.0 else (
+                f"MinHash Jaccard {dup.similarity:.2f}")
+            detail = f"near twin of line {twin} ({how}); kept in its split"
             report.add(Problem(line, "near_duplicate", detail, "kept"))
+        else:
+            detail = f"same prompt as line {twin} with a different answer; kept in its split"
+            report.add(Problem(line, "same_prompt", detail, "kept"))
     # Groups hold every row except exact duplicates: re-index them onto the kept rows.
     keep = sorted(i for g in groups for i in g)
     position = {old: new for new, old in enumerate(keep)}
@@ -168,6 +192,7 @@ def check_dataset(
     tokenizer=None,
     max_seq_len: int = 1024,
     pii: PiiPolicy = "redact",
+    min_answer_tokens: int = 1,
 ) -> DataReport:
     """Check a dataset file without writing anything.
 
@@ -177,6 +202,7 @@ def check_dataset(
         tokenizer: The base tokenizer (with a chat template); None skips the length check.
         max_seq_len: Rows longer than this many tokens are dropped.
         pii: What the report says would happen to rows with personal data.
+        min_answer_tokens: Rows with a shorter answer are dropped (checked with a tokenizer).
 
     Returns:
         The report (``splits`` all zero).
@@ -185,7 +211,7 @@ def check_dataset(
         InvalidInput: Unreadable file, unknown format, bad arguments; `NoUsableRows` when no row
             survives the checks.
     """
-    report, _, _ = _analyse(Path(source), fmt, tokenizer, max_seq_len, pii)
+    report, _, _ = _analyse(Path(source), fmt, tokenizer, max_seq_len, pii, min_answer_tokens)
     return report
 
 
@@ -200,6 +226,8 @@ def prepare_dataset(
     seed: int = 0,
     splits: Sequence[float] = (0.8, 0.1, 0.1),
     overwrite: bool = False,
+    min_answer_tokens: int = 1,
+    origin: dict[str, Any] | None = None,
 ) -> DataReport:
     """Check a dataset and write its splits and report into ``out`` atomically.
 
@@ -216,6 +244,9 @@ def prepare_dataset(
         seed: Split seed.
         splits: Train, validation and test fractions.
         overwrite: Replace an existing non-empty ``out``.
+        min_answer_tokens: Rows with a shorter answer are dropped (checked with a tokenizer).
+        origin: Where ``source`` came from when it was fetched (``hf://`` datasets: repo,
+            revision, sha), recorded in the report.
 
     Returns:
         The report, with split counts, seed and fractions filled in.
@@ -224,7 +255,10 @@ def prepare_dataset(
         InvalidInput: As `check_dataset`, bad fractions, or ``out`` exists and is not empty.
     """
     fractions = check_fractions(splits)
-    report, rows, groups = _analyse(Path(source), fmt, tokenizer, max_seq_len, pii)
+    report, rows, groups = _analyse(
+        Path(source), fmt, tokenizer, max_seq_len, pii, min_answer_tokens
+    )
+    report.origin = origin
     assignment, notes = split_groups(groups, seed=seed, fractions=fractions)
     report.splits = {name: len(assignment[name]) for name in SPLIT_NAMES}
     report.seed = seed

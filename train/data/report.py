@@ -23,6 +23,8 @@ Reason = Literal[
     "too_long",
     "exact_duplicate",
     "near_duplicate",
+    "same_prompt",
+    "too_short",
 ]
 Action = Literal["dropped", "kept", "redacted"]
 Kind = Literal["sft", "preference"]
@@ -38,7 +40,12 @@ REASONS: dict[str, str] = {
     "too_long": "longer than max_seq_len tokens with the base tokenizer's chat template",
     "exact_duplicate": "the same row as an earlier kept row (after PII redaction)",
     "near_duplicate": "same text as an earlier row once case, whitespace and punctuation are "
-    "ignored; kept, and kept in the same split as its twin",
+    "ignored, or a MinHash Jaccard similarity of word 3-grams >= 0.8 (system turns left "
+    "out); kept, and kept in the same split as its twin",
+    "same_prompt": "the same prompt as an earlier row with a different answer; kept, and kept "
+    "in the same split",
+    "too_short": "an answer (assistant turn; preference: chosen or rejected) shorter than "
+    "min_answer_tokens tokens of the base tokenizer",
 }
 
 
@@ -89,7 +96,10 @@ class DataReport:
         max_tokens: Longest kept row in tokens (0 when not measured).
         total_tokens: Tokens over all kept rows (0 when not measured; preference rows count
             prompt + chosen).
-        near_duplicate_groups: Groups of 2+ kept rows that are near twins.
+        near_duplicate_groups: Groups of 2+ kept rows that are near twins or share a prompt.
+        min_answer_tokens: Shortest answer allowed, in tokens (checked with a tokenizer only).
+        origin: Where a Hub dataset came from (``hf://`` source: repo, revision, commit sha,
+            file), else None.
         seed: Split seed (prepare only).
         split_fractions: Requested train/validation/test fractions (prepare only).
         notes: Warnings about the whole file (e.g. too few rows for a test split).
@@ -114,6 +124,8 @@ class DataReport:
     max_tokens: int = 0
     total_tokens: int = 0
     near_duplicate_groups: int = 0
+    min_answer_tokens: int = 1
+    origin: dict[str, Any] | None = None
     seed: int | None = None
     split_fractions: list[float] | None = None
     notes: list[str] = field(default_factory=list)
