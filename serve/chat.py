@@ -122,8 +122,14 @@ class Formatter:
                 self._templates.popitem(last=False)
         return template
 
-    def render_chat(self, messages: list[dict[str, str]], adapter: AdapterRecord | None) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], adapter: AdapterRecord | None,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         """Render ``messages`` with the adapter's template and the assistant generation prompt.
+
+        Args:
+            messages: The conversation (tool calls and tool results as templates expect them).
+            adapter: Whose template to use (None: the base's).
+            tools: OpenAI ``tools`` for the template's own tools support (None: no tools).
 
         Raises:
             InvalidInput: The template refused the conversation (e.g. roles must alternate).
@@ -134,6 +140,7 @@ class Formatter:
             return self.tokenizer.apply_chat_template(
                 messages,
                 chat_template=self.template_for(adapter),
+                tools=tools or None,
                 tokenize=False,
                 add_generation_prompt=True,
             )
@@ -145,15 +152,20 @@ class Formatter:
             ) from exc
 
     def encode_chat(
-        self, messages: list[dict[str, str]], adapter: AdapterRecord | None
+        self, messages: list[dict[str, Any]], adapter: AdapterRecord | None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of the rendered chat (special tokens come from the template, none added)."""
-        text = self.render_chat(messages, adapter)
+        text = self.render_chat(messages, adapter, tools)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode_text(self, prompt: str) -> list[int]:
         """Token ids of a plain completion prompt (with the tokenizer's usual special tokens)."""
         return list(self.tokenizer(prompt)["input_ids"])
+
+    def decode_raw(self, ids: list[int]) -> str:
+        """Text of ``ids`` with special tokens kept (tool-call markers such as [TOOL_CALLS])."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     # -- output ---------------------------------------------------------------------------
 

@@ -5,6 +5,11 @@ Both routes turn a request body into the same `serve.engine.SamplingParams`, rep
 ``model``, ``system_fingerprint``, ``choices`` and, with ``stream_options.include_usage``, a
 ``usage`` that is null until the final usage-only chunk, as OpenAI's API does).
 
+A response may hold several generations (``n`` choices, several prompts): ``usage`` counts each
+prompt once (``Generation.counts_prompt``) and every choice's completion tokens. With ``n > 1``
+and a ``seed``, choice ``i`` is sampled with ``seed + i`` (`fan_out_seed`), so each choice is
+reproducible and the choices differ.
+
 Where the job ends: the envelope. The choices inside it (chat ``delta``/``message`` or legacy
 ``text``) are built by `serve.http.chat` and `serve.http.completions`.
 """
@@ -12,26 +17,39 @@ Where the job ends: the envelope. The choices inside it (chat ``delta``/``messag
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hub.errors import InvalidInput
 from serve.engine import SamplingParams
 from serve.http.generation import Generation
 from serve.http.state import AppState
 
 
 def sampling_params(
-    body: Any, state: AppState, max_tokens: int, *, logprobs: bool, top_logprobs: int
+    body: Any, state: AppState, max_tokens: int, *, logprobs: bool, top_logprobs: int,
+    constraint: Any = None,
 ) -> SamplingParams:
     """Sampling settings from a chat or completions body (OpenAI's defaults for absent fields).
 
     Args:
-        body: The validated request (``temperature``, ``top_p``, ``seed``).
-        state: The app state (the chat format's stop token ids).
+        body: The validated request (``temperature``, ``top_p``, ``seed``, penalties...).
+        state: The app state (the chat format's stop token ids, the vocabulary size).
         max_tokens: The planned completion limit (`serve.http.generation.plan_max_tokens`).
         logprobs: Whether to return token logprobs.
         top_logprobs: Alternatives per token.
+        constraint: A compiled output constraint (`serve.grammar.Constraint`), or None.
+
+    Raises:
+        InvalidInput: A ``logit_bias`` token id outside the vocabulary.
     """
+    bias = dict(body.logit_bias or {})
+    vocab = state.fmt.grammars.vocab_size
+    outside = [t for t in bias if not 0 <= t < vocab]
+    if outside:
+        raise InvalidInput(f"logit_bias token ids {outside[:5]} are outside the vocabulary "
+                           f"(0..{vocab - 1})", fix="Use ids of this model's tokenizer.",
+                           param="logit_bias")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -40,7 +58,21 @@ def sampling_params(
         stop_token_ids=list(state.fmt.stop_token_ids),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias=bias,
+        constraint=constraint,
     )
+
+
+def fan_out_seed(params: SamplingParams, index: int) -> SamplingParams:
+    """The parameters of choice ``index`` of ``n``: ``seed + index`` when seeded."""
+    if index == 0 or params.seed is None:
+        return params
+    return replace(params, seed=(params.seed + index + 2**63) % 2**64 - 2**63)
 
 
 @dataclass
@@ -48,24 +80,30 @@ class Envelope:
     """The per-response fields every chunk and the final object carry.
 
     Attributes:
-        gen: The generation (request id, model, token counts).
+        gens: The response's generations (the first gives the id and model).
         state: The app state (system fingerprint).
         chunk_object: ``object`` of stream chunks (``chat.completion.chunk``, ``text_completion``).
         include_usage: ``stream_options.include_usage`` was set.
         created: Unix time of the response.
     """
 
-    gen: Generation
+    gens: list[Generation]
     state: AppState
     chunk_object: str
     include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def gen(self) -> Generation:
+        """The first generation (its id and model name the response)."""
+        return self.gens[0]
+
     def usage(self) -> dict[str, int]:
-        """The ``usage`` block so far."""
-        gen = self.gen
-        return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+        """The ``usage`` block so far (each prompt counted once)."""
+        prompt = sum(g.prompt_tokens for g in self.gens if g.counts_prompt)
+        completion = sum(g.completion_tokens for g in self.gens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
 
     def chunk(self, choices: list[dict[str, Any]], with_usage: bool = False) -> dict[str, Any]:
         """One SSE event around ``choices``."""

@@ -8,6 +8,11 @@ stop strings, logprobs aligned with the text actually sent). Whatever happens (f
 string, timeout, client gone, error) `Generation.close` ends the engine request and frees its
 slot.
 
+A response may drive several generations at once (``n`` choices, a batch of prompts): they are
+submitted together, so the engine batches them, and `respond` collects them (non-stream) or
+interleaves their pieces as they come (SSE, each event naming its choice ``index``). The first
+error or a client gone ends them all.
+
 Where the job ends: no JSON shapes here; the route modules turn `Piece` objects into OpenAI
 responses and SSE chunks.
 """
@@ -36,7 +41,7 @@ from hub.errors import (
 from hub.names import ModelRef
 from hub.store import Resolved
 from serve.chat import StopMatcher
-from serve.engine import GenerationRequest, SamplingParams, TokenChunk
+from serve.engine import GenerationRequest, SamplingParams, TokenChunk, adapter_key
 from serve.http.auth import Principal
 from serve.http.errors import RequestTimeout, envelope, error_payload
 from serve.http.sse import DONE, SSEResponse, sse_data, wait_for_disconnect
@@ -169,6 +174,8 @@ class Generation:
         stops: Stop strings.
         request_id: The response id (also the engine's request id).
         arrived: ``time.monotonic()`` when the request arrived (deadline and TTFT start).
+        counts_prompt: Whether ``usage.prompt_tokens`` counts this prompt (False for the
+            second and later choices of one prompt).
     """
 
     def __init__(
@@ -180,7 +187,9 @@ class Generation:
         stops: list[str],
         request_id: str,
         arrived: float,
+        counts_prompt: bool = True,
     ) -> None:
+        self.counts_prompt = counts_prompt
         self.state = state
         self.resolved = resolved
         self.request = GenerationRequest(request_id, prompt_ids, resolved.adapter, params)
@@ -199,6 +208,11 @@ class Generation:
         self._closed = False
         self._raw_len = 0
         self._held: list[TokenOut] = []
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated ids so far (stop tokens excluded)."""
+        return list(self._detok.ids)
 
     @property
     def model(self) -> str:
@@ -233,7 +247,8 @@ class Generation:
             if self._first.prompt_tokens:
                 self.prompt_tokens = self._first.prompt_tokens
             if self._first.adapter_load_s > 0:
-                metrics.observe_adapter_load(self._first.adapter_load_s)
+                metrics.observe_adapter_load(self._first.adapter_load_s,
+                                             adapter_key(self.request.adapter))
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """Yield pieces until the finish (call `start` first)."""
@@ -327,61 +342,122 @@ class Generation:
                 log.warning("abort of %s failed: %s", self.request_id, type(exc).__name__)
 
 
+async def _all(works: list[Awaitable[T]]) -> list[T]:
+    """Await every ``work``; on the first error cancel the others and raise it."""
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+    for task in done:
+        if task.exception() is not None:
+            for other in pending:
+                other.cancel()
+            for other in pending:
+                with contextlib.suppress(BaseException):
+                    await other
+            raise task.exception()  # type: ignore[misc]
+    return [task.result() for task in tasks]
+
+
+async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Piece]]:
+    """``(index, piece)`` of every generation as soon as each is ready."""
+    if len(gens) == 1:
+        async for piece in gens[0].pieces():
+            yield 0, piece
+        return
+    queue: asyncio.Queue[tuple[int, Piece | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, gen: Generation) -> None:
+        try:
+            async for piece in gen.pieces():
+                await queue.put((index, piece, None))
+            await queue.put((index, None, None))
+        except Exception as exc:
+            await queue.put((index, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            index, piece, error = await queue.get()
+            if error is not None:
+                raise error
+            if piece is None:
+                remaining -= 1
+                continue
+            yield index, piece
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def respond(
     request: Request,
-    gen: Generation,
+    gens: list[Generation],
     *,
     stream: bool,
     head: Callable[[], list[dict[str, Any]]],
-    events: Callable[[Piece], list[dict[str, Any]]],
+    events: Callable[[int, Piece], list[dict[str, Any]]],
     tail: Callable[[], list[dict[str, Any]]],
-    whole: Callable[[Piece], dict[str, Any]],
+    whole: Callable[[list[Piece]], dict[str, Any]],
     principal: Principal,
 ) -> Response:
-    """Run ``gen`` and answer as one JSON body or as SSE, freeing the slot whatever happens.
+    """Run ``gens`` and answer as one JSON body or as SSE, freeing their slots whatever happens.
 
     Errors before the first token (queue full, draining, bad adapter) become normal error
     responses; errors after it, in a stream, become a final ``data: {"error": ...}`` event.
 
     Args:
         request: The HTTP request (watched for the client going away).
-        gen: The prepared generation.
+        gens: The prepared generations (choice ``index`` = position in the list).
         stream: SSE or one JSON body.
         head: Payloads sent before the first piece (stream only).
-        events: Payloads for one piece (stream only).
+        events: Payloads for one piece of choice ``index`` (stream only).
         tail: Payloads after the last piece, before ``[DONE]`` (stream only).
-        whole: The JSON body for the collected result (non-stream only).
+        whole: The JSON body for the collected results, one per generation (non-stream only).
         principal: The caller (its label goes to the log line).
     """
-    metrics = gen.state.metrics
+    metrics = gens[0].state.metrics
+
+    async def close_all() -> None:
+        for gen in gens:
+            await gen.close()
+
+    def log_all(outcome: str) -> None:
+        for gen in gens:
+            _log_done(gen, principal, outcome)
+
     if not stream:
         try:
-            piece = await race_disconnect(request, gen.collect())
+            pieces = await race_disconnect(request, _all([g.collect() for g in gens]))
         except ClientGone:
             metrics.count_event("client_disconnects")
-            _log_done(gen, principal, "client_gone")
+            log_all("client_gone")
             return Response(status_code=499)
         finally:
-            await gen.close()
-        _log_done(gen, principal, "ok")
-        return JSONResponse(whole(piece))
+            await close_all()
+        log_all("ok")
+        return JSONResponse(whole(pieces))
     try:
-        await race_disconnect(request, gen.start())
+        await race_disconnect(request, _all([g.start() for g in gens]))
     except ClientGone:
-        await gen.close()
+        await close_all()
         metrics.count_event("client_disconnects")
-        _log_done(gen, principal, "client_gone")
+        log_all("client_gone")
         return Response(status_code=499)
     except BaseException:
-        await gen.close()
+        await close_all()
         raise
 
     async def body() -> AsyncIterator[bytes]:
         try:
             for payload in head():
                 yield sse_data(payload)
-            async for piece in gen.pieces():
-                for payload in events(piece):
+            async for index, piece in _merged(gens):
+                for payload in events(index, piece):
                     yield sse_data(payload)
             for payload in tail():
                 yield sse_data(payload)
@@ -389,15 +465,16 @@ async def respond(
         except LoradockError as exc:
             yield sse_data(envelope(exc))
         except Exception as exc:
-            log.error("stream %s failed: %s", gen.request_id, type(exc).__name__, exc_info=exc)
+            log.error("stream %s failed: %s", gens[0].request_id, type(exc).__name__,
+                      exc_info=exc)
             yield sse_data(error_payload("The server failed during generation; see its log.",
                                          "server_error", None, "internal_error"))
 
     async def on_close(disconnected: bool) -> None:
-        await gen.close()
+        await close_all()
         if disconnected:
             metrics.count_event("client_disconnects")
-        _log_done(gen, principal, "client_gone" if disconnected else "ok")
+        log_all("client_gone" if disconnected else "ok")
 
     return SSEResponse(body(), on_close)
 

@@ -3,8 +3,10 @@
 Requests are validated strictly (no type coercion, unknown fields refused): a client that sends
 ``"temperature": "0.5"`` or a field we do not implement gets a 400 naming the field rather than a
 silently different answer. `check_fields` runs first, on the raw JSON object, so that fields we
-know but do not support (``tools``, ``logit_bias``...) and fields nobody knows get their own clear
-messages; pydantic then checks types and ranges.
+know but do not support (``audio``, ``functions``...) and fields nobody knows get their own clear
+messages; pydantic then checks types and ranges. Fields accepted without effect (``metadata``,
+``user``, ``prompt_cache_key``, ``safety_identifier``, a message's ``name``) are listed in
+docs/api.md.
 
 Where the job ends: shapes and per-field rules only. Whether the model exists, whether the prompt
 fits the context and what the engine does are decided in `serve.http.generation`.
@@ -14,28 +16,30 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hub.errors import InvalidInput
+from serve.http.structured import LogitBiasMixin, ResponseFormat, Tool, ToolCallIn
 
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_N = 8  # choices per request (each is one engine sequence)
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+MAX_METADATA = 16
 
 # Fields of the OpenAI API that this server does not implement: refused, never ignored. A field
 # sent as null counts as absent.
 UNSUPPORTED_FIELDS = frozenset({
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
-    "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "metadata",
-    "service_tier", "suffix", "verbosity", "safety_identifier", "prompt_cache_key",
+    "functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
+    "reasoning_effort", "service_tier", "suffix", "verbosity",
 })
 # Fields accepted only at their default value (the only behaviour implemented).
-DEFAULT_ONLY_FIELDS: dict[str, Any] = {
-    "n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "echo": False,
-    "store": False,
-}
+DEFAULT_ONLY_FIELDS: dict[str, Any] = {"best_of": 1, "echo": False, "store": False}
+# Keys the openai SDK writes as null when an assistant message is sent back as history.
+_NULL_MESSAGE_KEYS = frozenset({"refusal", "audio", "function_call", "annotations"})
 
 
 class _Strict(BaseModel):
@@ -46,16 +50,28 @@ class ChatMessage(_Strict):
     """One chat message; ``developer`` is treated as ``system``.
 
     ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts (joined by
-    newlines); other part types (images, audio) are refused.
+    newlines); other part types (images, audio) are refused. An assistant message may carry
+    ``tool_calls`` (then ``content`` may be null); a ``tool`` message needs ``tool_call_id``.
+    ``name`` is passed to the chat template, which may ignore it.
     """
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Any
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
+    name: str | None = Field(None, min_length=1, max_length=64)
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_null_extras(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (k in _NULL_MESSAGE_KEYS and v is None)}
+        return data
 
     @field_validator("content")
     @classmethod
-    def _check_content(cls, value: Any) -> str:
-        if isinstance(value, str):
+    def _check_content(cls, value: Any) -> str | None:
+        if value is None or isinstance(value, str):
             return value
         if not isinstance(value, list) or not value:
             raise ValueError("expected a string or a non-empty list of text parts")
@@ -73,19 +89,43 @@ class ChatMessage(_Strict):
         return "\n".join(texts)
 
     def text(self) -> str:
-        """The content as one string."""
-        return self.content
+        """The content as one string (empty when null)."""
+        return self.content or ""
 
-    def as_template_input(self) -> dict[str, str]:
-        """The ``{"role", "content"}`` dict chat templates expect."""
+    def check(self, index: int) -> None:
+        """Rules between a message's fields (``param`` is ``messages[i].FIELD``).
+
+        Raises:
+            InvalidInput: A tool message without ``tool_call_id``, ``tool_calls`` outside an
+                assistant message, or null content without tool calls.
+        """
+        where = f"messages[{index}]"
+        if self.role == "tool" and not self.tool_call_id:
+            raise InvalidInput(f"'{where}.tool_call_id' is required for role 'tool'",
+                               fix="Send the id of the tool call this message answers.",
+                               param=f"{where}.tool_call_id")
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise InvalidInput(f"'{where}.tool_call_id' is only allowed for role 'tool'",
+                               fix="Remove it.", param=f"{where}.tool_call_id")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise InvalidInput(f"'{where}.tool_calls' is only allowed for role 'assistant'",
+                               fix="Remove it.", param=f"{where}.tool_calls")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise InvalidInput(f"'{where}.content' is required (null only for an assistant "
+                               "message with tool_calls)", fix="Send the message text.",
+                               param=f"{where}.content")
+
+    def as_template_input(self) -> dict[str, Any]:
+        """The dict chat templates expect (``role``, ``content``, tool fields when present)."""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
-
-
-class ResponseFormat(_Strict):
-    """``{"type": "text"}`` or ``{"type": "json_object"}``."""
-
-    type: Literal["text", "json_object"]
+        out: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class StreamOptions(_Strict):
@@ -94,8 +134,11 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingFields(_Strict):
-    """Fields shared by chat and text completions."""
+class _SamplingFields(LogitBiasMixin):
+    """Fields shared by chat and text completions.
+
+    ``top_k``, ``min_p`` and ``repetition_penalty`` are vLLM's extras.
+    """
 
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -106,9 +149,24 @@ class _SamplingFields(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
-    n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    metadata: dict[str, str] | None = None
+    prompt_cache_key: str | None = Field(None, max_length=1024)
+    safety_identifier: str | None = Field(None, max_length=256)
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and (len(value) > MAX_METADATA or any(
+                len(k) > 64 or len(v) > 512 for k, v in value.items())):
+            raise ValueError(f"at most {MAX_METADATA} pairs, keys up to 64 and values up to "
+                             "512 characters")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -147,6 +205,9 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     store: bool | None = None  # only false (nothing is stored); see DEFAULT_ONLY_FIELDS
+    tools: list[Tool] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
     def wanted_max_tokens(self) -> int | None:
         """``max_completion_tokens`` (the new name) or ``max_tokens``; both must then agree."""
@@ -172,6 +233,10 @@ class ChatCompletionRequest(_SamplingFields):
                 fix="Set 'logprobs': true or drop 'top_logprobs'.",
                 param="top_logprobs",
             )
+        for index, message in enumerate(self.messages):
+            message.check(index)
+        if self.response_format is not None:
+            self.response_format.check()
         if self.response_format and self.response_format.type == "json_object":
             if not any("json" in m.text().lower() for m in self.messages):
                 raise InvalidInput(
@@ -184,7 +249,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    """``POST /v1/completions`` (one prompt string)."""
+    """``POST /v1/completions``: a prompt string, a token array, or a list of either (batch)."""
 
     prompt: Any
     max_tokens: int | None = Field(16, ge=1)
@@ -194,12 +259,24 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _check_prompt(cls, value: Any) -> str:
-        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-            value = value[0]
-        if not isinstance(value, str):
-            raise ValueError("expected one prompt string (token arrays and batches are not served)")
-        return value
+    def _check_prompt(cls, value: Any) -> list[str | list[int]]:
+        def is_ids(item: Any) -> bool:
+            return isinstance(item, list) and bool(item) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in item)
+
+        if isinstance(value, str) or is_ids(value):
+            return [value]
+        if isinstance(value, list) and value and all(
+                isinstance(p, str) or is_ids(p) for p in value):
+            if len(value) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(value)}")
+            return list(value)
+        raise ValueError("expected a string, an array of token ids, or a non-empty list of "
+                         "either")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts (always a list after validation)."""
+        return list(self.prompt)
 
     def check(self) -> None:
         """Rules that span fields."""
@@ -300,7 +377,9 @@ class Usage(BaseModel):
 
 
 class AssistantMessage(BaseModel):
-    """The generated message."""
+    """The generated message (``tool_calls`` only when the model called tools)."""
+
+    model_config = ConfigDict(extra="allow")
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None

@@ -184,7 +184,7 @@ def test_models_list_and_admin_routes(module_store: Store, formatter, adapter_fa
 def test_metrics_exposition_format(module_store, formatter):
     with _client(module_store, formatter) as client:
         client.post("/v1/chat/completions", json=chat_body(max_tokens=3))
-        client.post("/v1/chat/completions", json=chat_body(n=2))
+        client.post("/v1/chat/completions", json=chat_body(n=20))
         text = client.get("/metrics").text
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
