@@ -165,11 +165,17 @@ def add_base(
 def push(
     ref: Annotated[str, typer.Argument(help="NAME or NAME@V.")],
     repo: Annotated[str, typer.Option("--repo", help="Hub repo id ORG/NAME.")],
-    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    private: Annotated[bool, typer.Option(
+        "--private", help="Create the repo private; refuse an existing public one.")] = False,
     allow_draft: Annotated[bool, typer.Option("--allow-draft",
                                               help="Push even if the card is draft.")] = False,
+    force_tag: Annotated[bool, typer.Option(
+        "--force-tag", help="Move an existing vN tag that points at other content.")] = False,
 ) -> None:
     """Upload an adapter version to the Hugging Face Hub and tag it vN (token from HF_TOKEN).
+
+    Files an earlier push left in the repo are deleted in the same commit; an existing vN on
+    other content is refused unless --force-tag.
 
     Example: HF_TOKEN=... loradock hub push json-extract@1 --repo my-org/json-extract
     """
@@ -178,18 +184,31 @@ def push(
     store = _store()
     name, version = parse_adapter_ref(ref)
     result = remote.push(store, store.get(name, version), repo, private=private,
-                         allow_draft=allow_draft)
-    typer.echo(f"pushed {ref} to {result.repo_id} at {result.commit[:12]}, tagged {result.tag}")
+                         allow_draft=allow_draft, force_tag=force_tag)
+    if result.already:
+        typer.echo(f"{result.repo_id} tag {result.tag} already holds {ref} "
+                   f"(commit {result.commit[:12]}); nothing uploaded")
+    elif result.moved_from:
+        typer.echo(f"pushed {ref} to {result.repo_id} at {result.commit[:12]}, moved tag "
+                   f"{result.tag} from {result.moved_from[:12]}")
+    else:
+        typer.echo(f"pushed {ref} to {result.repo_id} at {result.commit[:12]}, "
+                   f"tagged {result.tag}")
 
 
 @app.command("pull")
 def pull(
-    spec: Annotated[str, typer.Argument(help="ORG/NAME or ORG/NAME@REV (tag, branch, commit).")],
+    spec: Annotated[str, typer.Argument(
+        help="ORG/NAME (newest vN tag) or ORG/NAME@REV (tag, branch, commit).")],
     name: Annotated[str | None, typer.Option("--name", help="Local adapter name.")] = None,
-    base: Annotated[str, typer.Option("--base", help="Registered base model.")] = "smollm2",
+    base: Annotated[str | None, typer.Option(
+        "--base", help="Registered base model (default: the one the push recorded).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Download an adapter from the Hugging Face Hub and register it.
+    """Download an adapter from the Hugging Face Hub, pinned and digest-checked, and register it.
+
+    The revision is resolved to its commit (recorded as the source); only the files the push
+    listed are fetched, and each must match its published sha256.
 
     Example: loradock hub pull my-org/json-extract@v1 --name json-extract
     """
@@ -199,4 +218,4 @@ def pull(
     if as_json:
         _print_json(record.to_dict())
     else:
-        typer.echo(f"pulled {spec} as {record.model}")
+        typer.echo(f"pulled {spec} ({record.source}) as {record.model}")
