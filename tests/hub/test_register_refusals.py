@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -162,3 +163,39 @@ def test_unknown_base_exit_code(store, adapter_factory):
                      "--base", "nope")
     assert result.returncode == 3
     assert "Unknown base model 'nope'" in one_line_error(result)
+
+
+def test_refuses_a_fifo_in_one_line(store, adapter_factory, tmp_path):
+    folder = copy_adapter(adapter_factory(seed=1), tmp_path / "a")
+    (folder / "data").mkdir()
+    os.mkfifo(folder / "data" / "pipe")
+    result = run_cli("hub", "register", str(folder), "--name", "bad")
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "FIFO 'data/pipe'" in line and "only regular files" in line
+    assert_store_empty()
+
+
+def test_refuses_a_symlinked_folder_in_one_line(store, adapter_factory, tmp_path):
+    folder = copy_adapter(adapter_factory(seed=1), tmp_path / "a")
+    (tmp_path / "elsewhere").mkdir()
+    (folder / "extra").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    result = run_cli("hub", "register", str(folder), "--name", "bad")
+    assert result.returncode == 2
+    assert "Refusing symlink 'extra'" in one_line_error(result)
+    assert_store_empty()
+
+
+def test_trainer_checkpoints_are_neither_scanned_nor_copied(store, adapter_factory, tmp_path):
+    """A Trainer output folder: checkpoint-N holds optimizer.pt (pickle) and may hold links."""
+    folder = copy_adapter(adapter_factory(seed=1), tmp_path / "a")
+    checkpoint = folder / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "optimizer.pt").write_bytes(b"\x80\x04pickle")
+    os.mkfifo(checkpoint / "pipe")
+    (checkpoint / "latest").symlink_to(folder / "adapter_config.json")
+    result = run_cli("hub", "register", str(folder), "--name", "trained", "--json")
+    assert result.returncode == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    assert not any(name.startswith("checkpoint-") for name in files)
+    assert not (store.get("trained").path / "checkpoint-2").exists()

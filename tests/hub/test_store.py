@@ -154,3 +154,39 @@ def test_two_processes_registering_the_same_name_get_distinct_versions(store, ad
     versions = sorted(json.loads(out)["version"] for out, _ in outputs)
     assert versions == [1, 2, 3]
     assert store.verify().ok
+
+
+REGISTER_LOOP = """
+import sys
+from pathlib import Path
+from hub.store import Store
+store = Store(Path(sys.argv[1]))
+for _ in range(int(sys.argv[3])):
+    store.register(Path(sys.argv[2]), "racer")
+"""
+
+
+def test_verify_racing_20_registrations_loses_nothing(store, adapter_factory, tmp_path):
+    """verify cleans unindexed folders; a version committed while it hashes is not one."""
+    slow = tmp_path / "slow"
+    shutil.copytree(adapter_factory(seed=1), slow)
+    with open(slow / "padding.safetensors.part", "wb") as fh:  # hashing it takes a while
+        fh.write(os.urandom(48 << 20))
+    store.register(slow, "slow")
+    proc = subprocess.Popen([sys.executable, "-c", REGISTER_LOOP, str(store.home),
+                             str(adapter_factory(seed=2)), "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rounds, removed = 0, []
+    while proc.poll() is None or rounds == 0:
+        report = store.verify()
+        assert report.ok, report.corrupt
+        removed += report.leftovers_removed
+        rounds += 1
+    assert proc.returncode == 0, proc.stderr.read()
+    assert not [p for p in removed if "/racer/v" in p], removed
+    records = store.list("racer")
+    assert [r.version for r in records] == list(range(1, 21))
+    for record in records:
+        store.check(record)  # every file of every version is still there, unchanged
+    assert rounds >= 2, "verify never overlapped the registrations"
+    assert store.verify().ok
