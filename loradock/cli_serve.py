@@ -72,6 +72,12 @@ def serve(
     engine_option: Annotated[list[str] | None, typer.Option(
         help="Engine-specific KEY=VALUE setting (repeatable).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    remote: Annotated[str | None, typer.Option(
+        help="Pull an adapter the local store lacks from this hub on its first request: hf "
+             "(HF_TOKEN's user) or hf:ORG; repo ORG/NAME, tag vN, digest-checked, then cached. "
+             "Replicas then need no shared volume.")] = None,
+    ui: Annotated[bool, typer.Option(
+        "--ui/--no-ui", help="Serve the web console at / (hub, cards, playground).")] = True,
 ) -> None:
     """Serve the base and every hub adapter with an OpenAI-compatible API.
 
@@ -88,7 +94,8 @@ def serve(
         max_model_len=max_model_len, max_lora_rank=max_lora_rank, threads=threads,
         api_keys=api_keys, request_timeout_s=request_timeout_s, drain_timeout_s=drain_timeout_s,
         max_body_bytes=max_body_kb * 1024, engine_options=_options(engine_option or []),
-        log_level=log_level,
+        remote=remote,
+        log_level=log_level, ui=ui,
     )
     run_server(config)
 

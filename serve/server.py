@@ -57,7 +57,9 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     engine_options: dict[str, Any] = field(default_factory=dict)
     home: Path | None = None
+    remote: str | None = None
     log_level: str = "info"
+    ui: bool = True
 
     def check(self) -> None:
         """Collect every problem and raise them together.
@@ -102,7 +104,7 @@ def build_state(config: ServerConfig) -> AppState:
 
     config.check()
     keys = ApiKeys.load(config.api_keys) if config.api_keys else None
-    store = Store(config.home)
+    store = Store(config.home, remote=config.remote)  # --remote: lazy, pinned, verified pulls
     base = store.base(config.base)
     max_model_len = min(config.max_model_len, base.context_length or config.max_model_len)
     engine_config = EngineConfig(
@@ -147,7 +149,7 @@ def _uvicorn_server(config: ServerConfig, state: AppState) -> Any:
                 self._captured_signals.remove(signal.SIGTERM)
 
     uv_config = uvicorn.Config(
-        create_app(state),
+        create_app(state, ui=config.ui),
         host=config.host,
         port=config.port,
         log_level=config.log_level,

@@ -41,7 +41,7 @@ async def load_adapter(
         )
     seconds = await state.engine.load_adapter(record)
     if seconds > 0:
-        state.metrics.observe_adapter_load(seconds)
+        state.metrics.observe_adapter_load(seconds, f"{record.name}@{record.version}")
     return {"object": "adapter", "id": record.model, "name": record.name,
             "version": record.version, "loaded": True, "load_time_s": round(seconds, 6)}
 

@@ -23,6 +23,7 @@ from serve.http import admin, chat, completions, health, models
 from serve.http.errors import install_handlers
 from serve.http.metrics import Metrics
 from serve.http.state import AppState
+from serve.ui import install_api_docs, install_console
 
 log = logging.getLogger("loradock.serve")
 _ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
@@ -67,8 +68,11 @@ class CountRequests:
             self.metrics.count_request(route_label(scope.get("path", "")), status)
 
 
-def create_app(state: AppState) -> FastAPI:
-    """Build the app around ``state`` (the engine is started by the app's lifespan)."""
+def create_app(state: AppState, *, ui: bool = True) -> FastAPI:
+    """Build the app around ``state`` (the engine is started by the app's lifespan).
+
+    ``ui`` adds the web console at ``/`` (`serve.ui`); ``/docs`` is served either way.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -103,6 +107,9 @@ def create_app(state: AppState) -> FastAPI:
     app.state.loradock = state
     for module in (chat, completions, models, admin, health):
         app.include_router(module.router)
+    install_api_docs(app)
+    if ui:
+        install_console(app)
     install_handlers(app)
     app.add_middleware(CountRequests, metrics=state.metrics)
     return app

@@ -65,6 +65,7 @@ class Metrics:
         self.json_invalid = 0
         self.adapter_load = Histogram(LOAD_BUCKETS)
         self.ttft = Histogram(TTFT_BUCKETS)
+        self.adapter_load_by_key: dict[str, float] = {}
 
     def count_request(self, route: str, status: int) -> None:
         """One finished HTTP request."""
@@ -82,10 +83,12 @@ class Metrics:
         with self._lock:
             self.ttft.observe(seconds)
 
-    def observe_adapter_load(self, seconds: float) -> None:
-        """One adapter load (lazy on a request, or through the admin route)."""
+    def observe_adapter_load(self, seconds: float, key: str | None = None) -> None:
+        """One adapter load (lazy on a request, or through the admin route) of ``NAME@V``."""
         with self._lock:
             self.adapter_load.observe(seconds)
+            if key is not None:  # the latest load per version, for the console (never a label)
+                self.adapter_load_by_key[key] = seconds
 
     def count_event(self, name: str) -> None:
         """Increment ``client_disconnects``, ``timeouts`` or ``json_invalid``."""

@@ -1,0 +1,43 @@
+"""The web console served by ``loradock serve`` at ``/`` (``--no-ui`` turns it off).
+
+Pages: the hub browser (``/``), an adapter version (``/ui/adapters/NAME/V/``), the playground
+(``/ui/playground``) and the server figures (``/ui/server``); plus ``/docs`` and
+``/openapi.json``, which stay on with ``--no-ui``. Templates and static files live beside this
+module; nothing is fetched from another host at run time.
+
+`install_console(app)` adds the pages; `install_api_docs(app)` adds the OpenAPI docs.
+
+Where the job ends: presentation. The console reads the store and the engine's health and calls
+the same public routes as apps; it adds no route that generates text or changes state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+STATIC = Path(__file__).parent / "static"
+
+
+def _mount_static(app: FastAPI) -> None:
+    if not any(getattr(r, "name", None) == "ui-static" for r in app.routes):
+        app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
+
+
+def install_console(app: FastAPI) -> None:
+    """Add the console's pages and static files to ``app``."""
+    from serve.ui.routes import router
+
+    _mount_static(app)
+    app.include_router(router)
+
+
+def install_api_docs(app: FastAPI) -> None:
+    """Add ``/docs`` and ``/openapi.json`` (with the API-key rule) to ``app``."""
+    from serve.ui.docs import install_docs
+    from serve.ui.routes import key_page
+
+    _mount_static(app)  # the key page's stylesheet and script
+    install_docs(app, key_page)
