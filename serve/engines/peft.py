@@ -9,7 +9,7 @@ PEFT's modules run at serve time: PEFT's mixed-batch ``adapter_names`` runs each
 separately in every layer and measured 25-55 % slower than the base here.
 
 Engine options (``EngineConfig.options``; see `PeftOptions`): ``request_timeout_s``,
-``prefill_chunk``, ``lora_kernel``, ``kv_initial_len``, ``verify_adapters``.
+``prefill_chunk``, ``kv_initial_len``, ``verify_adapters``, ``compute_dtype``.
 
 Errors: `generate` raises at call time (before any token) for invalid requests
 (`hub.errors.InvalidInput`, `hub.errors.ContextLengthExceeded`, `hub.errors.Incompatible`,
@@ -28,11 +28,10 @@ import os
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from hub.errors import EngineUnavailable, InvalidInput
 from serve.engine import EngineConfig, EngineHealth, GenerationRequest
-from serve.runtime.lora import LORA_KERNELS, LoraKernel
 from serve.runtime.stats import EngineStats
 from serve.runtime.stream import TokenSink, TokenStream
 
@@ -48,21 +47,21 @@ class PeftOptions:
         request_timeout_s: Seconds from submission to the end of a request. A request still
             waiting then fails with Overloaded (429); a running one ends with
             ``finish_reason="abort"``.
-        prefill_chunk: Prompt tokens prefilled per scheduler step; longer prompts are prefilled
-            in chunks between decode passes so running streams keep flowing.
-        lora_kernel: Mixed-batch LoRA method (see `serve.runtime.lora`): ``auto`` (``masked``
-            for up to 4 adapters in a batch, ``sgmv`` above), ``sgmv`` (segmented bmm),
-            ``masked`` (one matmul over the used adapters' stacked A's, masked per row),
-            ``grouped`` (per adapter), ``bmm`` (per-row gathered weights).
+        prefill_chunk: Prompt tokens per scheduler step, run in the same pass as the running
+            sequences' decode rows; longer prompts continue over several steps, so running
+            streams keep flowing.
         kv_initial_len: First KV cache length per row (doubled on demand up to max_model_len).
         verify_adapters: Re-hash adapter files against the store's checksums on each load.
+        compute_dtype: ``auto`` (CPU: measured at start, see `serve.runtime.dtype_choice`;
+            CUDA: bf16), or ``fp32``/``bf16`` to force it for ``nf4``/``nf4-dense``/``auto``
+            weights (``--base-dtype fp32|bf16|fp16`` forces both weights and compute).
     """
 
     request_timeout_s: float = 600.0
-    prefill_chunk: int = 512
-    lora_kernel: LoraKernel = "auto"
+    prefill_chunk: int = 256
     kv_initial_len: int = 256
     verify_adapters: bool = True
+    compute_dtype: Literal["auto", "fp32", "bf16"] = "auto"
 
     @classmethod
     def parse(cls, options: dict[str, Any]) -> PeftOptions:
@@ -79,11 +78,11 @@ class PeftOptions:
             problems.append(f"request_timeout_s must be > 0, got {opts.request_timeout_s!r}")
         if not isinstance(opts.prefill_chunk, int) or opts.prefill_chunk < 16:
             problems.append(f"prefill_chunk must be an int >= 16, got {opts.prefill_chunk!r}")
-        if opts.lora_kernel not in LORA_KERNELS:
-            problems.append(f"lora_kernel must be one of {list(get_args(LoraKernel))}, got "
-                            f"{opts.lora_kernel!r}")
         if not isinstance(opts.kv_initial_len, int) or opts.kv_initial_len < 16:
             problems.append(f"kv_initial_len must be an int >= 16, got {opts.kv_initial_len!r}")
+        if opts.compute_dtype not in ("auto", "fp32", "bf16"):
+            problems.append(f"compute_dtype must be auto, fp32 or bf16, got "
+                            f"{opts.compute_dtype!r}")
         if problems:
             raise InvalidInput("Bad peft engine options: " + "; ".join(problems),
                                fix=f"Known options: {', '.join(sorted(known))}.",
@@ -158,15 +157,16 @@ class PeftEngine:
         cfg, opts = self.config, self.options
         self._threads = cfg.threads or default_threads()
         torch.set_num_threads(self._threads)
-        base = load_base(cfg.base, cfg.base_dtype, cfg.device, cfg.max_model_len)
+        base = load_base(cfg.base, cfg.base_dtype, cfg.device, cfg.max_model_len,
+                         compute=opts.compute_dtype)
         runner = ModelRunner(base, max_running=cfg.max_running, max_adapters=cfg.max_adapters,
-                             kernel=opts.lora_kernel, kv_initial_len=opts.kv_initial_len)
+                             kv_initial_len=opts.kv_initial_len)
         step_lock = threading.Lock()
+        leaves = runner.spec.lora_leaves
 
         def reader(record):
-            return read_adapter(record, runner.shapes, runner.num_layers,
-                                max_rank=cfg.max_lora_rank, dtype=runner.dtype,
-                                verify=opts.verify_adapters)
+            return read_adapter(record, runner.weights, leaves, max_rank=cfg.max_lora_rank,
+                                dtype=runner.dtype, verify=opts.verify_adapters)
 
         cache = AdapterCache(runner.lora, cfg.max_adapters, reader, step_lock)
         scheduler = Scheduler(
@@ -177,7 +177,10 @@ class PeftEngine:
         cache.on_loaded = scheduler.wake.set
         scheduler.start()
         self._runner, self._cache, self._scheduler = runner, cache, scheduler
-        self._detail = (f"dtype={base.dtype_name} device={base.device} kernel={opts.lora_kernel} "
+        choice = base.dtype_choice
+        self._detail = (f"family={runner.spec.model_type} weights={base.dtype_name} "
+                        f"compute={choice.dtype if choice else runner.dtype} "
+                        f"({choice.reason if choice else ''}) device={base.device} "
                         f"threads={self._threads} max_len={base.max_len} "
                         f"load_s={base.load_s:.1f}")
 

@@ -72,7 +72,7 @@ class AdapterCache:
         """Create an empty cache.
 
         Args:
-            stack: Where weights are installed (``stack.num_slots >= capacity``).
+            stack: Where weights are installed (its pools hold ``capacity`` adapters each).
             capacity: Adapters resident at once.
             reader: Reads a record's files into weights (runs on the loader thread).
             step_lock: Held by the scheduler around each forward pass.
@@ -85,12 +85,14 @@ class AdapterCache:
         self.on_loaded = on_loaded
         self.lock = threading.RLock()
         self._resident: OrderedDict[str, Resident] = OrderedDict()  # least recent first
-        self._free = list(range(capacity - 1, -1, -1))
         self._loading: dict[str, Future[Resident]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
         # Keys that waiting requests need: not evicted, so a fresh load is not thrown out before
         # its requests are admitted (replaced as a whole by the scheduler each step).
         self.protected: frozenset[str] = frozenset()
+        # Adapters no new request may pin, so that their slot frees for a starving load (set by
+        # the scheduler; see `Scheduler._start_loads`).
+        self.draining: frozenset[str] = frozenset()
         self.loads = 0
         self.evictions = 0
         self.load_s_total = 0.0
@@ -115,10 +117,20 @@ class AdapterCache:
     def has_room(self) -> bool:
         """True when a load could find a slot now (a free one or an idle adapter to evict)."""
         with self.lock:
-            return bool(self._free) or any(self._evictable(r) for r in self._resident.values())
+            return (len(self._resident) < self.capacity
+                    or any(self._evictable(r) for r in self._resident.values()))
 
     def _evictable(self, entry: Resident) -> bool:
-        return entry.pins == 0 and entry.key not in self.protected
+        return entry.pins == 0 and (entry.key not in self.protected
+                                    or entry.key in self.draining)
+
+    def pick_victim(self, needed: set[str]) -> str | None:
+        """The least recently used resident adapter that no waiting request needs (or None)."""
+        with self.lock:
+            for entry in self._resident.values():
+                if entry.key not in needed:
+                    return entry.key
+            return None
 
     # -- pins -------------------------------------------------------------------------------
 
@@ -126,6 +138,8 @@ class AdapterCache:
         """Pin ``key`` for a running sequence; None if it is not resident."""
         with self.lock:
             entry = self._resident.get(key)
+            if entry is not None and key in self.draining:
+                return None
             if entry is not None:
                 entry.pins += 1
                 self._resident.move_to_end(key)
@@ -162,12 +176,8 @@ class AdapterCache:
         try:
             weights = self.reader(record)
             with self.step_lock, self.lock:
-                slot = self._take_slot(key)
-                try:
-                    self.stack.install(slot, weights)
-                except BaseException:
-                    self._free.append(slot)
-                    raise
+                self._make_room(key)
+                slot = self.stack.install(weights)
                 load_s = time.perf_counter() - started
                 entry = Resident(key, record, slot, load_s, weights.nbytes)
                 self._resident[key] = entry
@@ -180,13 +190,13 @@ class AdapterCache:
             if self.on_loaded is not None:
                 self.on_loaded()
 
-    def _take_slot(self, key: str) -> int:
-        if self._free:
-            return self._free.pop()
+    def _make_room(self, key: str) -> None:
+        if len(self._resident) < self.capacity:
+            return
         for victim in self._resident.values():  # least recently used first
             if self._evictable(victim):
                 self._evict(victim)
-                return self._free.pop()
+                return
         raise NoRoom(
             f"Cannot load adapter {key}: all {self.capacity} adapter slots hold adapters with "
             "requests in flight or waiting",
@@ -196,7 +206,6 @@ class AdapterCache:
     def _evict(self, entry: Resident) -> None:
         self.stack.clear(entry.slot)
         del self._resident[entry.key]
-        self._free.append(entry.slot)
         self.evictions += 1
 
     def unload(self, key: str) -> bool:

@@ -2,8 +2,9 @@
 
 Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (safetensors only, never pickle),
 checks the files against the checksums recorded at registration, maps PEFT's tensor names
-(``base_model.model.model.layers.3.self_attn.q_proj.lora_A[.NAME].weight``) onto
-``(layer, leaf)``, and folds each module's scaling into B: ``alpha / r``, or ``alpha / sqrt(r)``
+(``base_model.model.model.layers.3.self_attn.q_proj.lora_A[.NAME].weight``) onto the base's
+fused projections (``(layer, "qkv")``, part 0; Phi-3's ``qkv_proj`` is the whole projection),
+and folds each module's scaling into B: ``alpha / r``, or ``alpha / sqrt(r)``
 with ``use_rslora``, where ``r`` and ``alpha`` come from ``rank_pattern`` / ``alpha_pattern``
 when a pattern matches the module (PEFT's rule: the pattern matches the end of the module path).
 
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
     import torch
 
     from hub.store import AdapterRecord
+    from serve.runtime.weights import ModelWeights
 
-LORA_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\."
     r"(?P<leaf>[a-z_]+))\.(?P<part>lora_A|lora_B)(?:\.[A-Za-z0-9_-]+)?\.weight$"
@@ -81,19 +82,19 @@ def check_capabilities(record: AdapterRecord, max_rank: int) -> None:
 
 def read_adapter(
     record: AdapterRecord,
-    shapes: dict[str, tuple[int, int]],
-    num_layers: int,
+    layout: ModelWeights,
+    leaves: dict[str, tuple[str, int]],
     *,
     max_rank: int,
     dtype: torch.dtype,
     verify: bool = True,
 ) -> AdapterWeights:
-    """Load ``record``'s LoRA tensors as ``{(layer, leaf): (A, (B * scaling).T)}``.
+    """Load ``record``'s LoRA tensors onto the base's fused projections.
 
     Args:
         record: The registered adapter version.
-        shapes: ``{leaf: (in_features, out_features)}`` of the base's targetable modules.
-        num_layers: Decoder layers of the base.
+        layout: The base's fused weights (parts, input widths, the q/k RoPE layout).
+        leaves: PEFT target leaf -> (projection, part) (`FamilySpec.lora_leaves`).
         max_rank: Largest rank accepted.
         dtype: Dtype of the returned tensors.
         verify: Re-hash the files against the checksums recorded at registration.
@@ -115,46 +116,66 @@ def read_adapter(
     weights_bytes = _read_bytes(record, folder, ADAPTER_WEIGHTS_FILE, verify)
     config = _parse_config(config_bytes, key)
     tensors = load_safetensors(weights_bytes)
+    num_layers = len(layout.layers)
     pairs: dict[tuple[int, str], dict[str, Any]] = {}
     for name, tensor in tensors.items():
         match = _KEY.match(name)
-        if match is None or match["leaf"] not in LORA_LEAVES or int(match["layer"]) >= num_layers:
+        if match is None or match["leaf"] not in leaves or int(match["layer"]) >= num_layers:
             raise Unsupported(
                 f"Adapter {key} has tensor {name!r}, which the peft engine cannot apply",
-                fix=f"Serve adapters that put LoRA only on {', '.join(LORA_LEAVES)}.",
+                fix=f"Serve adapters that put LoRA only on {', '.join(leaves)}.",
                 param="model",
             )
         slot = pairs.setdefault((int(match["layer"]), match["leaf"]), {"module": match["module"]})
         slot[match["part"]] = tensor
     if not pairs:
         raise NotAnAdapter(f"Adapter {key} holds no LoRA tensors", fix="Register it again.")
-    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    ranks = [parts["lora_A"].shape[0] for parts in pairs.values() if "lora_A" in parts]
+    rank = max(ranks or [0])
+    if rank > max_rank:
+        raise Unsupported(f"Adapter {key}: rank {rank} is over max_lora_rank={max_rank}",
+                          fix="Raise --max-lora-rank.", param="model")
+    modules: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor]]] = {}
     for (layer, leaf), parts in sorted(pairs.items()):
-        a, b = parts.get("lora_A"), parts.get("lora_B")
-        if a is None or b is None:
-            raise Incompatible(f"Adapter {key}: {parts['module']} has only one of lora_A/lora_B",
-                               fix="Re-save the adapter with PEFT's save_pretrained().")
-        in_f, out_f = shapes[leaf]
-        rank = a.shape[0]
-        if a.shape != (rank, in_f) or b.shape != (out_f, rank):
-            raise Incompatible(
-                f"Adapter {key}: {parts['module']} has lora_A {list(a.shape)} and lora_B "
-                f"{list(b.shape)}; the base needs [r, {in_f}] and [{out_f}, r]",
-                fix="Use the adapter with the base it was trained on.",
-                param="model",
-            )
-        if rank > max_rank:
-            raise Unsupported(f"Adapter {key}: rank {rank} of {parts['module']} is over "
-                              f"max_lora_rank={max_rank}", fix="Raise --max-lora-rank.",
-                              param="model")
-        scaling = module_scaling(config, parts["module"], rank, key)
-        a32, b32 = a.to(torch.float32), b.to(torch.float32)
-        if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
-            raise InvalidInput(f"Adapter {key}: {parts['module']} has NaN or inf weights",
-                               fix="Retrain or re-export the adapter.", param="model")
-        modules[(layer, leaf)] = (a32.to(dtype).contiguous(),
-                                  (b32 * scaling).T.to(dtype).contiguous())
-    return AdapterWeights(modules=modules, rank=max(a.shape[0] for a, _ in modules.values()))
+        projection, part = leaves[leaf]
+        a, b = _checked_pair(key, parts, layout.in_features[projection],
+                             layout.parts[projection][part][1])
+        scaling = module_scaling(config, parts["module"], a.shape[0], key)
+        if (layer, projection) not in modules:
+            sizes = [size for _, size in layout.parts[projection]]
+            modules[(layer, projection)] = (
+                torch.zeros(len(sizes) * rank, a.shape[1], dtype=dtype),
+                [torch.zeros(rank, size, dtype=dtype) for size in sizes])
+        a_all, bts = modules[(layer, projection)]
+        r = a.shape[0]
+        a_all[part * rank:part * rank + r].copy_(a)
+        bt = layout.permute_out(projection, part, (b * scaling).T)
+        bts[part][:r].copy_(bt)
+    return AdapterWeights(modules=modules, rank=rank, file_bytes=len(weights_bytes))
+
+
+def _checked_pair(key: str, parts: dict[str, Any], in_f: int, out_f: int,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both LoRA matrices of one module in fp32, checked for shape and finiteness."""
+    import torch
+
+    a, b = parts.get("lora_A"), parts.get("lora_B")
+    if a is None or b is None:
+        raise Incompatible(f"Adapter {key}: {parts['module']} has only one of lora_A/lora_B",
+                           fix="Re-save the adapter with PEFT's save_pretrained().")
+    rank = a.shape[0]
+    if a.shape != (rank, in_f) or b.shape != (out_f, rank):
+        raise Incompatible(
+            f"Adapter {key}: {parts['module']} has lora_A {list(a.shape)} and lora_B "
+            f"{list(b.shape)}; the base needs [r, {in_f}] and [{out_f}, r]",
+            fix="Use the adapter with the base it was trained on.",
+            param="model",
+        )
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
+        raise InvalidInput(f"Adapter {key}: {parts['module']} has NaN or inf weights",
+                           fix="Retrain or re-export the adapter.", param="model")
+    return a32, b32
 
 
 def module_scaling(config: dict[str, Any], module: str, rank: int, key: str = "") -> float:

@@ -15,9 +15,12 @@ Formats (``EngineConfig.base_dtype``):
   quantised base is the point of the product (one small base, many adapters). Adapters trained
   on full-precision weights elsewhere may prefer ``fp32``/``bf16``.
 
-Only LlamaForCausalLM-shaped models are served (``SUPPORTED_MODEL_TYPES``): the runner calls their
-submodules directly (embed_tokens, layers[i].self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj,
-norms, lm_head).
+Compute dtype (activations, KV cache, fused weights, LoRA): forced by ``fp32``/``bf16``/
+``fp16``; otherwise (``auto``, ``nf4-dense``, ``nf4``) bf16 on CUDA and, on CPU, the faster of
+fp32 and bf16 by measurement with an agreement check (`serve.runtime.dtype_choice`).
+
+Families: those in `serve.runtime.families.FAMILIES` (the runner fuses their layers itself);
+others are refused with the list of families served and the engines that serve the rest.
 
 Where the job ends: this module returns the loaded model and its facts; running it is
 `serve.runtime.runner`.
@@ -33,15 +36,15 @@ from typing import TYPE_CHECKING, Any
 
 from hub.errors import InvalidInput, Unsupported
 from hub.nf4 import bnb_4bit_config, dense_nf4_model, pin_training_numerics
+from serve.runtime import dtype_choice
+from serve.runtime.dtype_choice import DtypeChoice
+from serve.runtime.families import LLAMA, FamilySpec, context_cap, family_for
 
 if TYPE_CHECKING:
     import torch
 
     from hub.bases import BaseInfo
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-# Rope types whose inverse frequencies do not depend on the sequence length.
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DENSE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -57,6 +60,8 @@ class LoadedBase:
         device: Where it runs.
         max_len: Longest sequence served (config cap and the model's context).
         load_s: Seconds the load took.
+        spec: The family's differences from Llama.
+        dtype_choice: Why the compute dtype was chosen (measured on CPU, or forced).
     """
 
     model: Any
@@ -65,6 +70,8 @@ class LoadedBase:
     device: torch.device
     max_len: int
     load_s: float
+    spec: FamilySpec = LLAMA
+    dtype_choice: DtypeChoice | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -98,30 +105,18 @@ def resolve_dtype(base_dtype: str, device: torch.device) -> str:
 
 
 def check_architecture(path: Path) -> dict[str, Any]:
-    """Read ``config.json`` and refuse model types the runner does not know.
+    """Read ``config.json`` and refuse families the runner does not know.
 
     Raises:
-        Unsupported: Not a Llama-family model, or a sequence-dependent rope.
+        Unsupported: A family not in the table, or a sequence-dependent rope.
     """
     config = json.loads((Path(path) / "config.json").read_text())
-    model_type = config.get("model_type", "")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise Unsupported(
-            f"The peft engine runs {', '.join(SUPPORTED_MODEL_TYPES)} models, not "
-            f"model_type={model_type!r}",
-            fix="Use a Llama-family base, or another engine (--engine vllm).",
-            param="base",
-        )
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise Unsupported(f"rope_type={rope_type!r} is not supported by the peft engine",
-                          fix=f"Use a base with one of: {', '.join(STATIC_ROPE_TYPES)}.",
-                          param="base")
+    family_for(config)
     return config
 
 
-def load_base(base: BaseInfo, base_dtype: str, device_name: str, max_model_len: int) -> LoadedBase:
+def load_base(base: BaseInfo, base_dtype: str, device_name: str, max_model_len: int,
+              compute: str = "auto") -> LoadedBase:
     """Load ``base`` for inference.
 
     Args:
@@ -129,6 +124,8 @@ def load_base(base: BaseInfo, base_dtype: str, device_name: str, max_model_len: 
         base_dtype: ``auto``, ``nf4``, ``nf4-dense``, ``fp32``, ``bf16`` or ``fp16``.
         device_name: ``auto``, ``cpu`` or ``cuda``.
         max_model_len: Requested context cap (lowered to the model's own).
+        compute: ``auto`` (measured on CPU), ``fp32`` or ``bf16`` (ignored when ``base_dtype``
+            is a dense dtype, which forces both).
 
     Raises:
         Unsupported: Architecture, or nf4 without bitsandbytes.
@@ -142,39 +139,59 @@ def load_base(base: BaseInfo, base_dtype: str, device_name: str, max_model_len: 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     started = time.perf_counter()
     config = check_architecture(Path(base.path))
+    spec = family_for(config)
     device = resolve_device(device_name)
     dtype_name = resolve_dtype(base_dtype, device)
     kwargs: dict[str, Any] = {"trust_remote_code": False, "use_safetensors": True}
-    if dtype_name.startswith("nf4"):
-        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-        compute_name = str(compute).removeprefix("torch.")
-    else:
-        compute = getattr(torch, DENSE_DTYPES[dtype_name])
+    load_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if dtype_name == "nf4-dense":
-        model = dense_nf4_model(Path(base.path), compute_dtype=compute_name, device=str(device))
+        model = dense_nf4_model(Path(base.path), compute_dtype=str(load_dtype)[6:],
+                                device=str(device))
     elif dtype_name == "nf4":
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
             raise Unsupported("nf4 needs bitsandbytes", fix="pip install bitsandbytes") from exc
         model = AutoModelForCausalLM.from_pretrained(
-            base.path, quantization_config=bnb_4bit_config("nf4", True, compute_name),
-            dtype=compute, device_map={"": device}, **kwargs)
+            base.path, quantization_config=bnb_4bit_config("nf4", True, str(load_dtype)[6:]),
+            dtype=load_dtype, device_map={"": device}, **kwargs)
         pin_training_numerics(model)  # the 4-bit values the adapters trained on (hub.nf4)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=compute, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, **kwargs)
         model.to(device)
     model.eval()
     model.requires_grad_(False)
-    context = int(config.get("max_position_embeddings") or max_model_len)
-    window = config.get("sliding_window")
-    if window:  # attention over the whole prefix equals the window only up to its size
-        context = min(context, int(window))
+    choice = _compute_dtype(model, base, base_dtype, dtype_name, device, compute)
     return LoadedBase(
         model=model,
         dtype_name=dtype_name,
-        compute_dtype=compute,
+        compute_dtype=getattr(torch, DENSE_DTYPES[choice.dtype]),
         device=device,
-        max_len=min(max_model_len, context),
+        max_len=min(max_model_len, context_cap(config)),
         load_s=time.perf_counter() - started,
+        spec=spec,
+        dtype_choice=choice,
     )
+
+
+def _compute_dtype(model: Any, base: BaseInfo, base_dtype: str, dtype_name: str,
+                   device: torch.device, compute: str) -> DtypeChoice:
+    """Forced by ``fp32``/``bf16``/``fp16`` or ``compute``; bf16 on CUDA; else measured."""
+    import torch
+
+    if base_dtype in DENSE_DTYPES:
+        return DtypeChoice(base_dtype, "forced by --base-dtype")
+    if compute != "auto":
+        return DtypeChoice(compute, "forced by compute_dtype")
+    if device.type != "cpu":
+        return DtypeChoice("bf16", "CUDA")
+    if dtype_name == "nf4":
+        return DtypeChoice("fp32", "bitsandbytes 4-bit on CPU computes in fp32")
+    weights = sorted(Path(base.path).glob("*.safetensors"))
+    weights_id = json.dumps([str(Path(base.path).resolve()), dtype_name,
+                             [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]])
+    choice = dtype_choice.choose(model, Path(base.path), weights_id, torch.get_num_threads(),
+                                 dtype_choice.default_cache_dir())
+    dtype_choice.log.info("compute dtype %s (%s%s)", choice.dtype, choice.reason,
+                          ", cached" if choice.cached else "")
+    return choice

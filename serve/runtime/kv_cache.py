@@ -41,7 +41,7 @@ class KVCache:
 
         self.layers, self.rows, self.kv_heads, self.head_dim = layers, rows, kv_heads, head_dim
         self.max_len = max_len
-        self.capacity = max(16, min(initial_len, max_len))
+        self.capacity = self.initial_len = max(16, min(initial_len, max_len))
         shape = (layers, rows, kv_heads, self.capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -93,6 +93,28 @@ class KVCache:
             new = torch.zeros(*old.shape[:3], capacity, old.shape[4], dtype=old.dtype,
                               device=old.device)
             new[:, :, :, : self.capacity].copy_(old)
+            setattr(self, name, new)
+        self.capacity = capacity
+
+    def shrink_to(self, longest: int) -> None:
+        """Halve capacity (down to the initial length) while ``longest`` fits in a quarter.
+
+        Called between steps with the longest length a running sequence can reach, so the memory
+        a long request grew is given back once it has left.
+        """
+        import torch
+
+        capacity = self.capacity
+        while capacity > self.initial_len and max(longest, 1) * 4 <= capacity:
+            capacity //= 2
+        capacity = max(capacity, self.initial_len)
+        if capacity == self.capacity:
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros(*old.shape[:3], capacity, old.shape[4], dtype=old.dtype,
+                              device=old.device)
+            new.copy_(old[:, :, :, :capacity])
             setattr(self, name, new)
         self.capacity = capacity
 

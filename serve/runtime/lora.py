@@ -1,33 +1,26 @@
-"""Batched multi-LoRA: stacked adapter weights and the mixed-batch delta, in plain torch.
+"""Batched multi-LoRA on fused projections: adapter pools by rank and the mixed-batch delta.
 
-Every resident adapter owns a *slot*. For each targeted base module (``layer``, ``leaf``) the
-stack keeps ``a[slot] = A`` (``[rank, in]``) and ``bt[slot] = (B * scaling).T`` (``[rank, out]``),
-ranks padded with zeros to the largest resident rank (zeros add exactly nothing). A forward pass
-gives each row (one token of one sequence) a slot, or ``-1`` for the bare base, and adds
+The runner's projections are fused (``qkv``, ``o``, ``gate_up``, ``down``; see
+`serve.runtime.weights`). An adapter's LoRA on a projection is stored as one ``A`` whose rows are
+its parts' A's stacked (``[parts * r, in]``: q, k, v for ``qkv``) and one ``B^T`` per part
+(``[r, size]``, scaling folded in, q/k columns in the RoPE layout), so a fused projection needs
+one shrink matmul and one expand per part. Parts an adapter does not target hold zeros.
 
-    delta[i] = x[i] @ a[slot_i].T @ bt[slot_i]
+Adapters live in *pools*, one per rank: each adapter keeps its own rank (a rank-8 adapter next
+to a rank-64 one costs rank-8 arithmetic). A pool's tensors are ``[capacity, ...]`` and
+allocated zeroed (untouched slots cost no resident memory). A *slot* is ``(rank, index)``
+flattened into one int by `LoraStack` for the scheduler.
 
-to the base module's output for every row at once. Ways to compute it (``kernel``):
+A forward pass gives each row (one token of one sequence) a slot or ``-1`` (bare base). Per pool
+used by the batch (`LoraBatch`):
 
-- ``masked``: the slots used by the batch form one range ``lo:hi``; ``x`` is multiplied by all of
-  their A's at once (one matmul over ``(hi - lo) * rank`` columns), the columns that belong to
-  other rows' adapters are zeroed by a 0/1 mask, and one ``addmm`` with the stacked B's adds the
-  delta: three ops per module whatever the number of adapters, but ``u`` adapters cost ``u``
-  times the minimal arithmetic.
-- ``sgmv``: rows grouped into one equal-width segment per used adapter (pad rows are zero and add
-  exactly zero), then ``bmm`` with the used adapters' A's, ``bmm`` with their B's and one
-  ``index_add_`` back: the minimal arithmetic in five ops (Punica's SGMV written as dense torch
-  ops, the segments padded instead of ragged).
-- ``grouped``: rows grouped by adapter, two small matmuls and an ``index_add_`` per adapter.
-- ``bmm``: per-row gathered A's and B's (``a[idx]``), then ``torch.bmm`` (S-LoRA's gather-BMM
-  baseline); copies rank x (in + out) weights per row per module.
-- ``auto`` (default): ``masked`` up to `AUTO_MASKED_MAX` adapters in the batch, ``sgmv`` above.
-
-Either way each used adapter's weights are read once per pass, so a mixed batch costs the base
-plus the used adapters' weight traffic. Measured here (CPU ms per module, 16 rows, rank 16,
-median of 30; 2 busy cores): 2 adapters masked 0.16 / sgmv 0.23 / grouped 0.43 / bmm 0.39;
-8 adapters masked 0.46 / sgmv 0.37 / grouped 1.76 / bmm 0.55; 16 adapters masked 0.63 /
-sgmv 0.34 / grouped 1.32 / bmm 0.45. `bench/serve.py` compares them on the whole model.
+- one slot for every row: ``h = x @ A.T`` and an ``addmm_`` per part (1 + parts ops);
+- otherwise Punica's SGMV as dense ops: the rows of each used adapter are gathered into one
+  equal-width segment (pads gather row 0 and are zeroed), one ``bmm`` against the used
+  adapters' A's, one ``bmm`` per part against their B's, and an ``index_add_`` back per part.
+  Slots no row uses are never multiplied; arithmetic is the minimum up to the pads. The used
+  slices are views when the used indices are consecutive (indices are handed out lowest
+  first), else one gather of the used adapters' weights.
 
 Where the job ends: this module holds tensors and does arithmetic. Reading adapter files is
 `serve.runtime.adapter_files`; which adapter owns which slot is `serve.runtime.adapter_cache`.
@@ -36,159 +29,163 @@ Where the job ends: this module holds tensors and does arithmetic. Reading adapt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-LoraKernel = Literal["auto", "sgmv", "masked", "grouped", "bmm"]
-LORA_KERNELS: tuple[str, ...] = ("auto", "sgmv", "masked", "grouped", "bmm")
-# ``auto`` uses ``masked`` up to this many adapters in a batch, ``sgmv`` above (measured).
-AUTO_MASKED_MAX = 4
+# (layer, projection name)
 ModuleKey = tuple[int, str]
+# Pool indices are packed into one int: rank * SLOT_BASE + index.
+SLOT_BASE = 1 << 16
 
 
 @dataclass
 class AdapterWeights:
-    """One adapter's LoRA tensors, ready to install (scaling already folded into ``bt``).
+    """One adapter's LoRA tensors, ready to install.
 
     Attributes:
-        modules: ``{(layer, leaf): (a [r, in], bt [r, out])}``.
-        rank: Largest rank over the modules.
+        modules: ``{(layer, projection): (a [parts * r, in], [bt_part [r, size], ...])}``.
+        rank: The adapter's (largest) rank: the pool it goes to.
+        file_bytes: Size of the weights file it was read from (for memory ratios).
     """
 
-    modules: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]
+    modules: dict[ModuleKey, tuple[torch.Tensor, list[torch.Tensor]]]
     rank: int
+    file_bytes: int = 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the tensors (unpadded)."""
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for a, b in self.modules.values())
+        """Bytes held by the tensors."""
+        return sum(a.numel() * a.element_size() + sum(b.numel() * b.element_size() for b in bts)
+                   for a, bts in self.modules.values())
+
+
+@dataclass
+class Pool:
+    """All resident adapters of one rank."""
+
+    rank: int
+    capacity: int
+    a: dict[ModuleKey, torch.Tensor] = field(default_factory=dict)
+    bt: dict[ModuleKey, list[torch.Tensor]] = field(default_factory=dict)
+    targets: dict[ModuleKey, set[int]] = field(default_factory=dict)
+    free: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PoolPlan:
+    """How the rows of one pass use one pool."""
+
+    rank: int
+    uniform: int = -1  # every row uses this pool index (no gather needed)
+    used: frozenset[int] = frozenset()
+    gather: torch.Tensor | None = None  # [len(order) * width] row of each segment position
+    pad_mask: torch.Tensor | None = None  # [len(order), width, 1], None without pads
+    order: torch.Tensor | None = None  # used pool indices when they are not lo..hi-1
+    lo: int = 0
+    hi: int = 0
+    width: int = 0
+
+    def used_rows(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The used adapters' slices of a pool tensor, in segment order (a view when compact)."""
+        if self.order is None:
+            return stacked[self.lo:self.hi]
+        return stacked.index_select(0, self.order)
 
 
 @dataclass
 class LoraBatch:
-    """How the rows of one forward pass map onto stack slots (rebuilt when the rows change).
-
-    Attributes:
-        row_slots: Slot of each row, ``-1`` for the bare base.
-        generation: The stack generation this plan was built for.
-        lo: First slot of the used range.
-        hi: One past the last slot of the used range.
-        uniform: All rows use the same slot (no mask needed).
-        mask: ``[rows, (hi - lo) * rank]`` 0/1 (``masked`` kernel).
-        groups: ``[(slot, row index tensor)]`` (``grouped`` kernel).
-        gather: ``[used * width]`` row of each segment position, pads -> row 0 (``sgmv``).
-        pad_mask: ``[used, width, 1]`` 1 for real rows, 0 for pads; None without pads.
-        slot_index: Used slots in segment order, or None when they are ``lo..hi-1``.
-        rows: Rows that have an adapter (``bmm`` kernel).
-        slots: Slot of each of those rows (``bmm`` kernel).
-        used: Slots used by the batch.
-    """
+    """How the rows of one forward pass map onto pools (rebuilt when the rows change)."""
 
     row_slots: tuple[int, ...]
     generation: int
-    lo: int = 0
-    hi: int = 0
-    uniform: bool = False
-    mask: torch.Tensor | None = None
-    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    rows: torch.Tensor | None = None
-    slots: torch.Tensor | None = None
-    used: frozenset[int] = frozenset()
-    gather: torch.Tensor | None = None
-    pad_mask: torch.Tensor | None = None
-    slot_index: torch.Tensor | None = None
-    width: int = 0
+    pools: list[PoolPlan] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         """True when no row uses an adapter."""
-        return not self.used
+        return not self.pools
 
 
 class LoraStack:
-    """Stacked, rank-padded LoRA weights of every resident adapter, one slot each.
+    """Every resident adapter's weights, in one pool per rank.
 
     Not thread-safe: the caller serialises `install`/`clear` with forward passes.
     """
 
-    def __init__(
-        self,
-        shapes: dict[str, tuple[int, int]],
-        num_slots: int,
-        *,
-        dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-        kernel: LoraKernel = "auto",
-    ) -> None:
+    def __init__(self, shapes: dict[str, tuple[int, list[int]]], capacity: int, *,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         """Create an empty stack.
 
         Args:
-            shapes: ``{leaf: (in_features, out_features)}`` of the targetable modules.
-            num_slots: Adapters resident at once.
+            shapes: ``{projection: (in_features, [size of each part])}``.
+            capacity: Adapters resident at once (per pool).
             dtype: Compute dtype of the deltas.
             device: Where the tensors live.
-            kernel: Which mixed-batch method `apply` uses.
         """
         self.shapes = dict(shapes)
-        self.num_slots = num_slots
+        self.capacity = capacity
         self.dtype = dtype
         self.device = device
-        self.kernel: LoraKernel = kernel
-        self.rank = 0
+        self.pools: dict[int, Pool] = {}
         self.generation = 0
-        self.a: dict[ModuleKey, torch.Tensor] = {}
-        self.bt: dict[ModuleKey, torch.Tensor] = {}
-        self.targets: dict[ModuleKey, set[int]] = {}
 
     # -- slots ------------------------------------------------------------------------------
 
-    def install(self, slot: int, weights: AdapterWeights) -> None:
-        """Write ``weights`` into ``slot`` (growing the padded rank if needed)."""
+    def install(self, weights: AdapterWeights) -> int:
+        """Copy ``weights`` into a free index of its rank's pool; return the slot."""
         import torch
 
-        if weights.rank > self.rank:
-            self._grow_rank(weights.rank)
-        self.clear(slot)
-        for key, (a, bt) in weights.modules.items():
-            if key not in self.a:
-                in_f, out_f = self.shapes[key[1]]
-                self.a[key] = torch.zeros(self.num_slots, self.rank, in_f,
-                                          dtype=self.dtype, device=self.device)
-                self.bt[key] = torch.zeros(self.num_slots, self.rank, out_f,
-                                           dtype=self.dtype, device=self.device)
-                self.targets[key] = set()
-            r = a.shape[0]
-            self.a[key][slot, :r].copy_(a)
-            self.bt[key][slot, :r].copy_(bt)
-            self.targets[key].add(slot)
+        pool = self.pools.get(weights.rank)
+        if pool is None:
+            pool = self.pools[weights.rank] = Pool(weights.rank, self.capacity,
+                                                   free=list(range(self.capacity)))
+        if not pool.free:
+            raise RuntimeError(f"LoRA pool of rank {weights.rank} is full")
+        index = pool.free.pop(0)
+        r = weights.rank
+        for key, (a, bts) in weights.modules.items():
+            if key not in pool.a:
+                in_f, sizes = self.shapes[key[1]]
+                pool.a[key] = torch.zeros(pool.capacity, len(sizes) * r, in_f, dtype=self.dtype,
+                                          device=self.device)
+                pool.bt[key] = [torch.zeros(pool.capacity, r, size, dtype=self.dtype,
+                                            device=self.device) for size in sizes]
+                pool.targets[key] = set()
+            pool.a[key][index].copy_(a)
+            for dst, bt in zip(pool.bt[key], bts, strict=True):
+                dst[index].copy_(bt)
+            pool.targets[key].add(index)
         self.generation += 1
+        return r * SLOT_BASE + index
 
     def clear(self, slot: int) -> None:
-        """Zero ``slot`` everywhere (its adapter was evicted)."""
-        for key, slots in self.targets.items():
-            if slot in slots:
-                self.a[key][slot].zero_()
-                self.bt[key][slot].zero_()
-                slots.discard(slot)
+        """Free ``slot`` (its adapter was evicted); its rows are zeroed."""
+        pool, index = self.pools[slot // SLOT_BASE], slot % SLOT_BASE
+        for key, indices in pool.targets.items():
+            if index in indices:
+                pool.a[key][index].zero_()
+                for bt in pool.bt[key]:
+                    bt[index].zero_()
+                indices.discard(index)
+        pool.free.append(index)
+        pool.free.sort()
         self.generation += 1
 
-    def _grow_rank(self, rank: int) -> None:
-        import torch
-
-        for store in (self.a, self.bt):
-            for key, old in store.items():
-                new = torch.zeros(old.shape[0], rank, old.shape[2], dtype=old.dtype,
-                                  device=old.device)
-                new[:, : old.shape[1]].copy_(old)
-                store[key] = new
-        self.rank = rank
+    def has_room(self, rank: int) -> bool:
+        """True when an adapter of ``rank`` can be installed without evicting."""
+        pool = self.pools.get(rank)
+        return pool is None or bool(pool.free)
 
     def nbytes(self) -> int:
-        """Bytes held by the stacked tensors."""
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.bt.values()))
+        """Bytes of the pools' tensors (allocated, touched or not)."""
+        total = 0
+        for pool in self.pools.values():
+            for key, a in pool.a.items():
+                total += a.numel() * a.element_size()
+                total += sum(b.numel() * b.element_size() for b in pool.bt[key])
+        return total
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -197,129 +194,91 @@ class LoraStack:
         import torch
 
         row_slots = tuple(int(s) for s in row_slots)
-        used = frozenset(s for s in row_slots if s >= 0)
-        plan = LoraBatch(row_slots=row_slots, generation=self.generation, used=used)
-        if not used:
-            return plan
-        plan.lo, plan.hi = min(used), max(used) + 1
-        plan.uniform = len(used) == 1 and all(s >= 0 for s in row_slots)
-        kernel = self.kernel
-        if kernel == "auto":
-            kernel = "masked" if len(used) <= AUTO_MASKED_MAX else "sgmv"
-        if kernel == "sgmv" and len(used) == 1:
-            kernel = "masked"  # one adapter (plus base rows): one slot, no wasted columns
-        if kernel == "sgmv" and not plan.uniform:
-            self._plan_segments(plan)
-        elif kernel == "masked" and not plan.uniform:
-            width = (plan.hi - plan.lo) * self.rank
-            mask = torch.zeros(len(row_slots), width, dtype=self.dtype)
-            for row, slot in enumerate(row_slots):
-                if slot >= 0:
-                    start = (slot - plan.lo) * self.rank
-                    mask[row, start:start + self.rank] = 1
-            plan.mask = mask.to(self.device)
-        elif kernel == "grouped":
-            for slot in sorted(used):
-                rows = [i for i, s in enumerate(row_slots) if s == slot]
-                plan.groups.append((slot, torch.tensor(rows, device=self.device)))
-        elif kernel == "bmm":
-            rows = [i for i, s in enumerate(row_slots) if s >= 0]
-            plan.rows = torch.tensor(rows, device=self.device)
-            plan.slots = torch.tensor([row_slots[i] for i in rows], device=self.device)
+        plan = LoraBatch(row_slots=row_slots, generation=self.generation)
+        by_rank: dict[int, dict[int, list[int]]] = {}
+        for row, slot in enumerate(row_slots):
+            if slot >= 0:
+                rank, index = divmod(slot, SLOT_BASE)
+                by_rank.setdefault(rank, {}).setdefault(index, []).append(row)
+        for rank, members in sorted(by_rank.items()):
+            pp = PoolPlan(rank=rank, used=frozenset(members))
+            if len(members) == 1 and len(next(iter(members.values()))) == len(row_slots):
+                pp.uniform = next(iter(members))
+                plan.pools.append(pp)
+                continue
+            order = sorted(members)
+            width = max(len(rows) for rows in members.values())
+            gather, pads = [], []
+            for index in order:
+                rows = members[index]
+                gather += rows + [0] * (width - len(rows))
+                pads += [1.0] * len(rows) + [0.0] * (width - len(rows))
+            pp.width = width
+            pp.gather = torch.tensor(gather, device=self.device)
+            pp.lo, pp.hi = order[0], order[-1] + 1
+            if order != list(range(pp.lo, pp.hi)):
+                pp.order = torch.tensor(order, device=self.device)
+            if 0.0 in pads:
+                pp.pad_mask = torch.tensor(pads, dtype=self.dtype,
+                                           device=self.device).view(len(order), width, 1)
+            plan.pools.append(pp)
         return plan
 
-    def _plan_segments(self, plan: LoraBatch) -> None:
-        """Rows grouped into equal-width segments, one per used slot (pads add exact zeros)."""
-        import torch
-
-        order = sorted(plan.used)
-        members = {slot: [i for i, s in enumerate(plan.row_slots) if s == slot] for slot in order}
-        width = max(len(rows) for rows in members.values())
-        gather, pads = [], []
-        for slot in order:
-            rows = members[slot]
-            gather += rows + [0] * (width - len(rows))
-            pads += [1.0] * len(rows) + [0.0] * (width - len(rows))
-        plan.width = width
-        plan.gather = torch.tensor(gather, device=self.device)
-        if 0.0 in pads:
-            plan.pad_mask = torch.tensor(pads, dtype=self.dtype,
-                                         device=self.device).view(len(order), width, 1)
-        if order != list(range(plan.lo, plan.hi)):
-            plan.slot_index = torch.tensor(order, device=self.device)
-
-    def targeted(self, key: ModuleKey, plan: LoraBatch) -> bool:
-        """True when some adapter used by ``plan`` targets module ``key``."""
-        slots = self.targets.get(key)
-        return bool(slots) and not slots.isdisjoint(plan.used)
-
-    def apply(self, key: ModuleKey, x: torch.Tensor, out: torch.Tensor, plan: LoraBatch) -> None:
-        """Add the LoRA delta of module ``key`` for every row of ``x`` into ``out`` in place.
+    def apply(self, key: ModuleKey, x: torch.Tensor, out: torch.Tensor, plan: LoraBatch,
+              offsets: list[int]) -> None:
+        """Add the LoRA delta of projection ``key`` for every row of ``x`` into ``out``.
 
         Args:
-            key: ``(layer, leaf)``.
-            x: ``[rows, in]`` input of the base module.
-            out: ``[rows, out]`` output of the base module (modified).
+            key: ``(layer, projection)``.
+            x: ``[rows, in]`` input of the projection.
+            out: ``[rows, out]`` its output (modified in place).
             plan: From `plan` for these rows, built at the current generation.
+            offsets: Column offset of each part in ``out``.
         """
-        if plan.empty or not self.targeted(key, plan):
-            return
-        a, bt = self.a[key], self.bt[key]
-        if plan.uniform:
-            slot = plan.lo
-            out.addmm_(x @ a[slot].T, bt[slot])
-        elif plan.gather is not None:  # sgmv
-            import torch
+        import torch
 
-            if plan.slot_index is None:
-                a_used, bt_used = a[plan.lo:plan.hi], bt[plan.lo:plan.hi]
-            else:
-                a_used = a.index_select(0, plan.slot_index)
-                bt_used = bt.index_select(0, plan.slot_index)
-            segments = x.index_select(0, plan.gather).view(a_used.shape[0], plan.width, -1)
-            hidden = torch.bmm(segments, a_used.transpose(1, 2))
-            if plan.pad_mask is not None:
-                hidden.mul_(plan.pad_mask)
-            delta = torch.bmm(hidden, bt_used)
-            out.index_add_(0, plan.gather, delta.view(-1, delta.shape[-1]))
-        elif plan.mask is not None:  # masked
-            in_f, out_f = a.shape[2], bt.shape[2]
-            a_used = a[plan.lo:plan.hi].reshape(-1, in_f)
-            bt_used = bt[plan.lo:plan.hi].reshape(-1, out_f)
-            hidden = x @ a_used.T
-            hidden.mul_(plan.mask)
-            out.addmm_(hidden, bt_used)
-        elif plan.groups:  # grouped
-            for slot, rows in plan.groups:
-                part = x.index_select(0, rows)
-                out.index_add_(0, rows, (part @ a[slot].T) @ bt[slot])
-        else:
-            import torch
-
-            part = x.index_select(0, plan.rows).unsqueeze(1)
-            hidden = torch.bmm(part, a.index_select(0, plan.slots).transpose(1, 2))
-            delta = torch.bmm(hidden, bt.index_select(0, plan.slots)).squeeze(1)
-            out.index_add_(0, plan.rows, delta)
+        for pp in plan.pools:
+            pool = self.pools[pp.rank]
+            indices = pool.targets.get(key)
+            if not indices or indices.isdisjoint(pp.used):
+                continue
+            a, bts, r = pool.a[key], pool.bt[key], pp.rank
+            if pp.uniform >= 0:
+                hidden = x @ a[pp.uniform].T
+                for p, (bt, start) in enumerate(zip(bts, offsets, strict=True)):
+                    view = out[:, start:start + bt.shape[2]]
+                    view.addmm_(hidden[:, p * r:(p + 1) * r], bt[pp.uniform])
+                continue
+            segments = x.index_select(0, pp.gather).view(len(pp.used), pp.width, -1)
+            hidden = torch.bmm(segments, pp.used_rows(a).transpose(1, 2))
+            if pp.pad_mask is not None:
+                hidden.mul_(pp.pad_mask)
+            for p, (bt, start) in enumerate(zip(bts, offsets, strict=True)):
+                delta = torch.bmm(hidden[:, :, p * r:(p + 1) * r], pp.used_rows(bt))
+                out[:, start:start + bt.shape[2]].index_add_(
+                    0, pp.gather, delta.view(-1, bt.shape[2]))
 
 
-def reference_delta(
-    x: torch.Tensor, row_adapters: list[AdapterWeights | None], key: ModuleKey, out_features: int
-) -> torch.Tensor:
-    """Per-row LoRA delta computed one row at a time (the unit tests' reference).
+def reference_delta(x: torch.Tensor, row_adapters: list[AdapterWeights | None], key: ModuleKey,
+                    out_features: int, offsets: list[int]) -> torch.Tensor:
+    """Per-row LoRA delta of a fused projection, one row at a time (the unit tests' reference).
 
     Args:
         x: ``[rows, in]``.
         row_adapters: The adapter of each row, or None.
-        key: Module ``(layer, leaf)``.
+        key: ``(layer, projection)``.
         out_features: Width of the output.
+        offsets: Column offset of each part.
     """
     import torch
 
-    rows = []
+    out = torch.zeros(x.shape[0], out_features, dtype=x.dtype)
     for i, adapter in enumerate(row_adapters):
         if adapter is None or key not in adapter.modules:
-            rows.append(torch.zeros(out_features, dtype=x.dtype))
             continue
-        a, bt = adapter.modules[key]
-        rows.append((x[i:i + 1] @ a.T @ bt)[0])
-    return torch.stack(rows)
+        a, bts = adapter.modules[key]
+        r = adapter.rank
+        hidden = x[i:i + 1] @ a.T
+        for p, (bt, start) in enumerate(zip(bts, offsets, strict=True)):
+            out[i, start:start + bt.shape[1]] += (hidden[:, p * r:(p + 1) * r] @ bt)[0]
+    return out

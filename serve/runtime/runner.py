@@ -1,22 +1,17 @@
-"""The model runner: our own forward loop over a Llama-family model's submodules.
+"""The model runner: one forward for every family, decode rows and prefill chunks in one pass.
 
-Two passes, both applying each row's LoRA through `serve.runtime.lora.LoraStack`:
+`ModelRunner.forward` takes, in one step, the ``n`` running sequences' next tokens (KV rows
+``0..n-1``, each at its own position) and any number of prompt chunks (each for one KV row,
+positions ``start..start+T-1``). All their tokens go through every projection together, each
+token with its sequence's LoRA slot (`serve.runtime.lora`), so a long prefill never stalls the
+running streams: the scheduler caps the tokens per step. Attention is per kind: the decode rows
+batched against the KV cache (grouped-query heads viewed as ``[kv_heads, groups]`` queries, no
+copy), each chunk causal over its row's prefix plus itself; sliding windows and soft-capping
+come from the layer (`serve.runtime.weights.LayerWeights`).
 
-- `ModelRunner.prefill`: prompts (or chunks of them) of several sequences in one pass, each
-  ``[T]`` tokens at positions ``start..start+T-1`` written to its KV row; returns each last
-  position's logits.
-- `ModelRunner.decode`: one token for each of the ``n`` running sequences (rows ``0..n-1`` of the
-  KV cache), each at its own position; returns ``[n, vocab]`` logits.
-
-Attention is torch SDPA. Grouped-query attention in decode needs no copy: the ``heads`` query
-heads of a row are viewed as ``[kv_heads, heads // kv_heads]`` queries against that kv head's
-keys, and a ``[n, 1, 1, L]`` mask hides positions past each row's own length. RoPE cos/sin come
-from the model's own ``inv_freq`` and ``attention_scaling`` (a table up to ``max_len``), indexed
-by each row's position. Linear layers are called as modules (``Linear4bit`` and any other format
-transformers loads), except plain ``nn.Linear`` on CPU with more than one row: there ``W @ x.T``
-is computed instead of ``x @ W.T``; MKL's sgemm took 1.5-2.5x less CPU time for that layout with
-few rows on this machine's AMD EPYC (measured per shape for 576/1536-wide layers and the 49152-row
-lm_head; same values up to float rounding).
+Per layer and step: 2 norms (4 for Gemma), 4 fused projections (each + its LoRA), one RoPE on
+q|k together (pair-adjacent layout: ``x * cos + swap_pairs(x) * sin``), the KV writes, one
+attention call per kind, in-place residual adds.
 
 Where the job ends: the runner computes logits. Choosing tokens is `serve.runtime.sampling`;
 which sequences run and when is `serve.runtime.scheduler`.
@@ -24,256 +19,314 @@ which sequences run and when is `serve.runtime.scheduler`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from serve.runtime.kv_cache import KVCache
-from serve.runtime.lora import LoraBatch, LoraKernel, LoraStack
+from serve.runtime.lora import LoraBatch, LoraStack
+from serve.runtime.weights import PROJECTIONS, LayerWeights, build_weights
 
 if TYPE_CHECKING:
     import torch
 
     from serve.runtime.base import LoadedBase
 
-ATTN_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj")
 # (KV row, prompt token ids of this chunk, start position, LoRA slot or -1)
 PrefillChunk = tuple[int, list[int], int, int]
-MLP_LEAVES = ("gate_proj", "up_proj", "down_proj")
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = x.new_empty(x.shape)
-    rotated[..., :half] = -x[..., half:]
-    rotated[..., half:] = x[..., :half]
-    return x * cos + rotated * sin
+@dataclass
+class DecodeRows:
+    """The running sequences' next tokens: row ``i`` of the KV cache is ``token_ids[i]``."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
 
 
 class ModelRunner:
-    """Runs prefill and batched decode for a loaded base with stacked LoRA adapters."""
+    """Runs mixed decode + prefill passes for a loaded base with pooled LoRA adapters."""
 
-    def __init__(
-        self,
-        base: LoadedBase,
-        *,
-        max_running: int,
-        max_adapters: int,
-        kernel: LoraKernel = "auto",
-        kv_initial_len: int = 256,
-    ) -> None:
-        """Prepare RoPE tables, the KV cache and an empty LoRA stack.
+    def __init__(self, base: LoadedBase, *, max_running: int, max_adapters: int,
+                 kv_initial_len: int = 256) -> None:
+        """Fuse the weights, build RoPE tables, the KV cache and an empty LoRA stack.
 
         Args:
             base: From `serve.runtime.base.load_base`.
             max_running: KV cache rows (sequences decoded together).
-            max_adapters: LoRA stack slots.
-            kernel: Mixed-batch LoRA method (see `serve.runtime.lora`).
-            kv_initial_len: First KV capacity per row (grown on demand).
+            max_adapters: Adapters resident at once.
+            kv_initial_len: First KV capacity per row (grown on demand, shrunk back).
         """
         import torch
 
         self.base = base
         model = base.model
-        config = model.config
         self.model = model
         self.inner = model.model
-        self.layers = list(self.inner.layers)
-        self.num_layers = len(self.layers)
-        self.heads = int(config.num_attention_heads)
-        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
-        self.head_dim = int(getattr(config, "head_dim", None)
-                            or config.hidden_size // self.heads)
-        self.groups = self.heads // self.kv_heads
-        self.vocab_size = int(config.vocab_size)
+        self.spec = base.spec
         self.device = base.device
         self.dtype = base.compute_dtype
         self.max_len = base.max_len
-        rotary = self.inner.rotary_emb
-        inv_freq = rotary.inv_freq.to(device=self.device, dtype=torch.float32)
-        scaling = float(getattr(rotary, "attention_scaling", 1.0))
-        positions = torch.arange(self.max_len, device=self.device, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = (emb.cos() * scaling).to(self.dtype)
-        self.sin = (emb.sin() * scaling).to(self.dtype)
+        self.vocab_size = int(model.config.vocab_size)
+        tables = self._rope_tables()
+        rotary_dim = next(iter(tables.values()))[0].shape[-1]
+        self.weights = build_weights(model, self.spec, self.dtype, rotary_dim)
+        w = self.weights
+        self.layers: list[LayerWeights] = w.layers
+        self.num_layers = len(self.layers)
+        self.heads, self.kv_heads, self.head_dim = w.heads, w.kv_heads, w.head_dim
+        self.groups = self.heads // self.kv_heads
+        self.eps = w.eps
+        self.cos, self.sin = {}, {}
+        for kind, (cos, sin) in tables.items():
+            self.cos[kind], self.sin[kind] = self._pair_layout(cos, sin, w.head_dim)
+        model.to(self.dtype)  # embeddings, final norm and lm_head (the layers were fused)
+        self.final_norm = (self.inner.norm.weight.detach().float()
+                           + self.spec.norm_offset).to(self.dtype)
+        self.lm_head = model.lm_head.weight
+        softcap_attr = self.spec.final_softcap_attr
+        self.final_softcap = getattr(model.config, softcap_attr, None) if softcap_attr else None
         self.cache = KVCache(
             layers=self.num_layers, rows=max_running, kv_heads=self.kv_heads,
             head_dim=self.head_dim, max_len=self.max_len, dtype=self.dtype, device=self.device,
             initial_len=kv_initial_len,
         )
-        self.shapes = self._module_shapes()
-        self.lora = LoraStack(self.shapes, max_adapters, dtype=self.dtype, device=self.device,
-                              kernel=kernel)
+        self.shapes = {name: (w.in_features[name], [size for _, size in w.parts[name]])
+                       for name in PROJECTIONS}
+        self.offsets = {name: [offset for offset, _ in w.parts[name]] for name in PROJECTIONS}
+        self.lora = LoraStack(self.shapes, max_adapters, dtype=self.dtype, device=self.device)
         self._plan: LoraBatch | None = None
-        self._dense: dict[int, torch.Tensor] = {}
-        if self.device.type == "cpu":
-            for module in (*[getattr(layer.self_attn, leaf) for layer in self.layers
-                             for leaf in ATTN_LEAVES],
-                           *[getattr(layer.mlp, leaf) for layer in self.layers
-                             for leaf in MLP_LEAVES], model.lm_head):
-                if type(module) is torch.nn.Linear and module.bias is None:
-                    self._dense[id(module)] = module.weight
+        self.qk = (self.heads + self.kv_heads) * self.head_dim
+        self.inter = self.shapes["down"][0]
+        self._torch = torch
 
-    def _module_shapes(self) -> dict[str, tuple[int, int]]:
-        layer = self.layers[0]
-        shapes = {}
-        for leaf in ATTN_LEAVES:
-            module = getattr(layer.self_attn, leaf)
-            shapes[leaf] = (int(module.in_features), int(module.out_features))
-        for leaf in MLP_LEAVES:
-            module = getattr(layer.mlp, leaf)
-            shapes[leaf] = (int(module.in_features), int(module.out_features))
-        return shapes
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _rope_tables(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin ``[max_len, rotary_dim]`` from the model's own rotary module, per type."""
+        import torch
+
+        rotary = self.inner.rotary_emb
+        positions = torch.arange(self.max_len, device=self.device)[None]
+        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+        if not self.spec.rope_per_layer_type:
+            cos, sin = rotary(probe, positions)
+            return {"default": (cos[0], sin[0])}
+        kinds = sorted({layer.self_attn.layer_type for layer in self.inner.layers})
+        return {kind: tuple(t[0] for t in rotary(probe, positions, kind)) for kind in kinds}
+
+    def _pair_layout(self, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's half-split tables in the pair-adjacent layout, signed, padded to ``head_dim``."""
+        import torch
+
+        from serve.runtime.weights import head_perm
+
+        rot = cos.shape[-1]
+        perm = torch.tensor(head_perm(rot, rot))
+        sign = torch.tensor([-1.0, 1.0]).repeat(rot // 2)
+        cos_p, sin_p = cos.float()[:, perm], sin.float()[:, perm] * sign
+        if rot < head_dim:  # partial rotary: the other dims pass through unchanged
+            pad = head_dim - rot
+            cos_p = torch.cat([cos_p, torch.ones(cos_p.shape[0], pad)], dim=1)
+            sin_p = torch.cat([sin_p, torch.zeros(sin_p.shape[0], pad)], dim=1)
+        return cos_p.to(self.dtype).contiguous(), sin_p.to(self.dtype).contiguous()
 
     # -- LoRA plans -------------------------------------------------------------------------
 
     def plan_for(self, row_slots: list[int]) -> LoraBatch:
-        """Return the LoRA plan for these rows, reusing the last one when nothing changed."""
+        """The LoRA plan for these rows, reusing the last one when nothing changed."""
         plan = self._plan
         if (plan is None or plan.generation != self.lora.generation
                 or plan.row_slots != tuple(row_slots)):
             plan = self._plan = self.lora.plan(row_slots)
         return plan
 
-    # -- passes -----------------------------------------------------------------------------
+    # -- the pass ---------------------------------------------------------------------------
 
-    def _linear(self, module, x: torch.Tensor) -> torch.Tensor:
-        weight = self._dense.get(id(module))
-        if weight is None or x.shape[0] == 1:
-            return module(x)
-        return (weight @ x.T).T.contiguous()
+    def forward(self, decode: DecodeRows | None, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """One pass over the decode rows and the prompt chunks.
 
-    def _proj(self, layer: int, leaf: str, module, x: torch.Tensor,
-              plan: LoraBatch) -> torch.Tensor:
-        out = self._linear(module, x)
-        self.lora.apply((layer, leaf), x, out, plan)
+        Args:
+            decode: The running sequences' next tokens (rows ``0..n-1``), or None.
+            chunks: ``(row, token_ids, start, lora_slot)`` per prompt chunk.
+
+        Returns:
+            Logits ``[n + len(chunks), vocab]`` (fp32): each decode row's, then each chunk's
+            last token's.
+        """
+        torch = self._torch
+        n = len(decode.token_ids) if decode is not None else 0
+        sizes = [len(c[1]) for c in chunks]
+        ids, positions, slots = [], [], []
+        if decode is not None:
+            ids += decode.token_ids
+            positions += decode.positions
+            slots += decode.slots
+        for (_, tokens, start, slot), size in zip(chunks, sizes, strict=True):
+            ids += tokens
+            positions += range(start, start + size)
+            slots += [slot] * size
+        longest = max(positions) + 1
+        self.cache.ensure(longest)
+        plan = self.plan_for(slots) if not chunks else self.lora.plan(slots)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        tables = {kind: (self.cos[kind].index_select(0, pos).unsqueeze(1),
+                         self.sin[kind].index_select(0, pos).unsqueeze(1)) for kind in self.cos}
+        masks = _Masks(self, decode, chunks, pos[:n], longest)
+        x = self.inner.embed_tokens(torch.tensor(ids, dtype=torch.long,
+                                                 device=self.device)).to(self.dtype)
+        for i, layer in enumerate(self.layers):
+            h = self._norm(x, layer.attn_in)
+            qkv = self._project(i, "qkv", layer.qkv, h, plan)
+            attn = self._attention(i, layer, qkv, tables[layer.rope], masks, n, chunks, sizes)
+            out = self._project(i, "o", layer.o, attn, plan)
+            x.add_(out if layer.attn_out is None else self._norm(out, layer.attn_out))
+            h = self._norm(x, layer.mlp_in)
+            gate_up = self._project(i, "gate_up", layer.gate_up, h, plan)
+            act = layer.act(gate_up[:, :self.inter]).mul_(gate_up[:, self.inter:])
+            out = self._project(i, "down", layer.down, act, plan)
+            x.add_(out if layer.mlp_out is None else self._norm(out, layer.mlp_out))
+        if decode is not None:
+            for row, position in enumerate(decode.positions):
+                self.cache.lengths[row] = position + 1
+        lasts = list(range(n))
+        offset = n
+        for (row, _, start, _), size in zip(chunks, sizes, strict=True):
+            offset += size
+            lasts.append(offset - 1)
+            self.cache.lengths[row] = start + size
+        if len(lasts) != x.shape[0]:
+            x = x.index_select(0, torch.tensor(lasts, device=self.device))
+        logits = torch.nn.functional.linear(self._norm(x, self.final_norm), self.lm_head)
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits.float()
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    def _project(self, i: int, name: str, projection, x: torch.Tensor,
+                 plan: LoraBatch) -> torch.Tensor:
+        out = projection(x)
+        if not plan.empty:
+            self.lora.apply((i, name), x, out, plan, self.offsets[name])
         return out
 
-    def _mlp(self, i: int, layer, x: torch.Tensor, plan: LoraBatch) -> torch.Tensor:
-        mlp = layer.mlp
-        gate = self._proj(i, "gate_proj", mlp.gate_proj, x, plan)
-        up = self._proj(i, "up_proj", mlp.up_proj, x, plan)
-        return self._proj(i, "down_proj", mlp.down_proj, mlp.act_fn(gate) * up, plan)
+    def _attention(self, i: int, layer: LayerWeights, qkv: torch.Tensor, table, masks: _Masks,
+                   n: int, chunks: list[PrefillChunk], sizes: list[int]) -> torch.Tensor:
+        """RoPE, KV writes and attention for all rows; returns ``[rows, heads * head_dim]``."""
+        torch = self._torch
+        rows = qkv.shape[0]
+        heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
+        qk = qkv[:, :self.qk].view(rows, heads + kv_heads, d)
+        if layer.q_norm is not None:
+            qk = torch.cat([
+                torch.nn.functional.rms_norm(qk[:, :heads], (d,), layer.q_norm, self.eps),
+                torch.nn.functional.rms_norm(qk[:, heads:], (d,), layer.k_norm, self.eps)], 1)
+        cos, sin = table
+        swapped = qk.reshape(rows, heads + kv_heads, d // 2, 2).flip(-1).view(rows, -1, d)
+        qk = (qk * cos).addcmul_(swapped, sin)
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, self.qk:].view(rows, kv_heads, d)
+        outs = []
+        if n:
+            keys, values = self.cache.write_decode(i, masks.flat_index, k[:n], v[:n],
+                                                   masks.decode_len)
+            query = q[:n].view(n, kv_heads, self.groups, d)
+            outs.append(_attend(query, keys, values, masks.decode(layer.window), layer)
+                        .reshape(n, heads * d))
+        offset = n
+        for c, ((row, _, start, _), size) in enumerate(zip(chunks, sizes, strict=True)):
+            part = slice(offset, offset + size)
+            offset += size
+            keys, values = self.cache.write_prefill(i, row, start, k[part].transpose(0, 1),
+                                                    v[part].transpose(0, 1))
+            query = q[part].transpose(0, 1).unsqueeze(0)
+            out = _attend(query, keys, values, masks.prefill(c, layer.window), layer, gqa=True)
+            outs.append(out[0].transpose(0, 1).reshape(size, heads * d))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
-        """Run prompt chunks of several sequences in one pass (linear layers batched).
 
-        The tokens of all chunks are stacked into one ``[sum T, hidden]`` batch for every linear
-        layer (each token with its sequence's LoRA slot); attention runs per sequence, causal
-        over the sequence's cached prefix plus its chunk.
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            mask: torch.Tensor | None, layer: LayerWeights, *, gqa: bool = False,
+            ) -> torch.Tensor:
+    """Attention of ``query`` over ``keys``/``values`` (``[b, heads, L, d]``).
 
-        Args:
-            chunks: ``(row, token_ids, start, lora_slot)`` per sequence: KV row, tokens at
-                positions ``start..start+T-1``, LoRA slot (``-1``: bare base).
+    Args:
+        query: ``[b, kv_heads, m, d]`` (decode: the groups as rows), or ``[1, heads, T, d]``
+            with ``gqa`` (prefill).
+        keys: Keys ``[b, kv_heads, L, d]``.
+        values: Values, same shape.
+        mask: Boolean, True where attending, broadcastable to the scores; None: causal.
+        layer: Its scaling and soft-cap.
+        gqa: The query has all heads (prefill); kv heads are shared by ``heads // kv_heads``.
+    """
+    import torch
+    import torch.nn.functional as F
 
-        Returns:
-            Logits ``[len(chunks), vocab]`` (fp32) of each chunk's last token.
-        """
+    if layer.softcap is None:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
+                                              is_causal=mask is None, scale=layer.scaling,
+                                              enable_gqa=gqa)
+    b, heads, m, d = query.shape
+    if mask is None:
+        mask = torch.ones(m, keys.shape[2], dtype=torch.bool, device=query.device).tril()
+    if gqa:  # the heads sharing one kv head become rows of one query block
+        groups = heads // keys.shape[1]
+        query = query.reshape(b, keys.shape[1], groups * m, d)
+        mask = mask.repeat(groups, 1)
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * layer.scaling
+    scores = torch.tanh(scores / layer.softcap) * layer.softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(weights, values)
+    return out.view(b, heads, m, d) if gqa else out
+
+
+class _Masks:
+    """Attention masks of one step, built once per distinct sliding window."""
+
+    def __init__(self, runner: ModelRunner, decode: DecodeRows | None,
+                 chunks: list[PrefillChunk], decode_pos: torch.Tensor, longest: int) -> None:
         import torch
-        import torch.nn.functional as F
 
-        sizes = [len(c[1]) for c in chunks]
-        total = sum(sizes)
-        self.cache.ensure(max(start + n for (_, _, start, _), n in zip(chunks, sizes,
-                                                                         strict=True)))
-        slots = [slot for (_, _, _, slot), n in zip(chunks, sizes, strict=True)
-                 for _ in range(n)]
-        plan = self.lora.plan(slots)
-        ids = torch.tensor([t for c in chunks for t in c[1]], dtype=torch.long,
-                           device=self.device)
-        positions = torch.cat([torch.arange(start, start + n, device=self.device)
-                               for (_, _, start, _), n in zip(chunks, sizes, strict=True)])
-        cos = self.cos.index_select(0, positions).unsqueeze(1)
-        sin = self.sin.index_select(0, positions).unsqueeze(1)
-        masks = []
-        for (_, _, start, _), n in zip(chunks, sizes, strict=True):
-            if start:
-                keys = torch.arange(start + n, device=self.device)
-                masks.append(keys[None, :] <= torch.arange(start, start + n,
-                                                           device=self.device)[:, None])
-            else:
-                masks.append(None)
-        x = self.inner.embed_tokens(ids).to(self.dtype)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            residual = x
-            h = layer.input_layernorm(x)
-            q = self._proj(i, "q_proj", attn.q_proj, h, plan).view(total, self.heads,
-                                                                    self.head_dim)
-            k = self._proj(i, "k_proj", attn.k_proj, h, plan).view(total, self.kv_heads,
-                                                                    self.head_dim)
-            v = self._proj(i, "v_proj", attn.v_proj, h, plan).view(total, self.kv_heads,
-                                                                    self.head_dim)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            outs = []
-            offset = 0
-            for (row, _, start, _), n, mask in zip(chunks, sizes, masks, strict=True):
-                part = slice(offset, offset + n)
-                offset += n
-                keys_all, values_all = self.cache.write_prefill(
-                    i, row, start, k[part].transpose(0, 1), v[part].transpose(0, 1))
-                q_seq = q[part].transpose(0, 1).unsqueeze(0)
-                if mask is None:
-                    out = F.scaled_dot_product_attention(q_seq, keys_all, values_all,
-                                                         is_causal=True, enable_gqa=True)
-                else:
-                    out = F.scaled_dot_product_attention(q_seq, keys_all, values_all,
-                                                         attn_mask=mask, enable_gqa=True)
-                outs.append(out[0].transpose(0, 1).reshape(n, self.heads * self.head_dim))
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = residual + self._proj(i, "o_proj", attn.o_proj, out, plan)
-            x = x + self._mlp(i, layer, layer.post_attention_layernorm(x), plan)
-        lasts = []
-        offset = 0
-        for (row, _, start, _), n in zip(chunks, sizes, strict=True):
-            offset += n
-            lasts.append(offset - 1)
-            self.cache.lengths[row] = start + n
-        last = self.inner.norm(x.index_select(0, torch.tensor(lasts, device=self.device)))
-        return self._linear(self.model.lm_head, last).float()
+        self.torch = torch
+        self.device = runner.device
+        self.chunks = chunks
+        self.decode_pos = decode_pos
+        self.decode_len = (max(decode.positions) + 1) if decode is not None else 0
+        self.flat_index = runner.cache.flat_index(decode_pos) if decode is not None else None
+        self._decode: dict[int | None, torch.Tensor] = {}
+        self._prefill: dict[tuple[int, int | None], torch.Tensor | None] = {}
 
-    def decode(self, token_ids: list[int], positions: list[int],
-               lora_slots: list[int]) -> torch.Tensor:
-        """One token for each running sequence (rows ``0..n-1``), each at its own position.
+    def decode(self, window: int | None) -> torch.Tensor:
+        """``[n, 1, 1, L]``: key ``j`` visible to row ``i`` (``j <= pos_i``, in the window)."""
+        mask = self._decode.get(window)
+        if mask is None:
+            torch = self.torch
+            keys = torch.arange(self.decode_len, device=self.device)[None, :]
+            pos = self.decode_pos[:, None]
+            mask = keys <= pos
+            if window:
+                mask &= keys > pos - window
+            mask = self._decode[window] = mask[:, None, None, :]
+        return mask
 
-        Args:
-            token_ids: The last sampled token of each row.
-            positions: Its position (= tokens of the row already in the cache).
-            lora_slots: LoRA stack slot of each row (``-1``: bare base).
-
-        Returns:
-            Logits ``[n, vocab]`` (fp32).
-        """
-        import torch
-        import torch.nn.functional as F
-
-        n = len(token_ids)
-        length = max(positions) + 1
-        self.cache.ensure(length)
-        plan = self.plan_for(lora_slots)
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        flat_index = self.cache.flat_index(pos)
-        x = self.inner.embed_tokens(ids).to(self.dtype)
-        cos = self.cos.index_select(0, pos).unsqueeze(1)
-        sin = self.sin.index_select(0, pos).unsqueeze(1)
-        keys = torch.arange(length, device=self.device)
-        mask = (keys[None, :] <= pos[:, None]).view(n, 1, 1, length)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            residual = x
-            h = layer.input_layernorm(x)
-            q = self._proj(i, "q_proj", attn.q_proj, h, plan).view(n, self.heads, self.head_dim)
-            k = self._proj(i, "k_proj", attn.k_proj, h, plan).view(n, self.kv_heads,
-                                                                    self.head_dim)
-            v = self._proj(i, "v_proj", attn.v_proj, h, plan).view(n, self.kv_heads,
-                                                                    self.head_dim)
-            q = _rotate(q, cos, sin).view(n, self.kv_heads, self.groups, self.head_dim)
-            k = _rotate(k, cos, sin)
-            keys_n, values_n = self.cache.write_decode(i, flat_index, k, v, length)
-            out = F.scaled_dot_product_attention(q, keys_n, values_n, attn_mask=mask)
-            out = out.reshape(n, self.heads * self.head_dim)
-            x = residual + self._proj(i, "o_proj", attn.o_proj, out, plan)
-            x = x + self._mlp(i, layer, layer.post_attention_layernorm(x), plan)
-        for row, position in enumerate(positions):
-            self.cache.lengths[row] = position + 1
-        return self._linear(self.model.lm_head, self.inner.norm(x)).float()
+    def prefill(self, c: int, window: int | None) -> torch.Tensor | None:
+        """``[T, start + T]`` for chunk ``c``, or None where plain causal is right."""
+        key = (c, window)
+        if key in self._prefill:
+            return self._prefill[key]
+        torch = self.torch
+        row, tokens, start, _ = self.chunks[c]
+        size = len(tokens)
+        mask = None
+        if start or (window and start + size > window):
+            keys = torch.arange(start + size, device=self.device)[None, :]
+            pos = torch.arange(start, start + size, device=self.device)[:, None]
+            mask = keys <= pos
+            if window:
+                mask &= keys > pos - window
+        self._prefill[key] = mask
+        return mask

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
     from serve.runtime.runner import ModelRunner
 
+# Seconds a request may wait for an adapter slot before a resident adapter is drained for it.
+STARVE_S = 0.5
+
 
 @dataclass
 class Sequence:
@@ -214,10 +217,10 @@ class Scheduler:
         with self.step_lock:
             self._reap()
             self._start_loads()
-            self._admit()
-            decoded = self._decode()
+            decoded = self._forward()
         if decoded:
             self.stats.record_step(time.perf_counter() - started)
+        self._maybe_shrink_kv()
 
     # -- reap -------------------------------------------------------------------------------
 
@@ -286,17 +289,38 @@ class Scheduler:
     # -- loads and admission ----------------------------------------------------------------
 
     def _start_loads(self) -> None:
+        """Start background loads for waiting requests whose adapter is not resident.
+
+        When every slot is pinned by running sequences, the oldest request that cannot load
+        would wait for as long as traffic to the resident adapters keeps them pinned. After
+        ``STARVE_S`` it picks a victim, the least recently used adapter that no older waiting
+        request needs, and new requests stop pinning it (`AdapterCache.draining`) until its
+        running sequences finish and the load takes its slot.
+        """
         with self.lock:
             wanted = [s for s in self.waiting if s.key is not None and s.load_error is None]
         self.cache.protected = frozenset(s.key for s in wanted)
+        blocked: Sequence | None = None
+        needed: set[str] = set()
         for seq in wanted:
+            needed.add(seq.key)
             if seq.loading or self.cache.get(seq.key) is not None:
                 continue
             if not self.cache.is_loading(seq.key) and not self.cache.has_room():
+                if blocked is None:
+                    blocked = seq
+                    older = set(needed)
                 continue  # every slot pinned or wanted: wait for running sequences to finish
             seq.waited_for_load = seq.loading = True
             future = self.cache.start_load(seq.request.adapter)
             future.add_done_callback(lambda f, s=seq: self._load_done(s, f))
+        if blocked is None:
+            self.cache.draining = frozenset()
+        elif (not self.cache.draining
+              and time.monotonic() - blocked.submitted > STARVE_S):
+            victim = self.cache.pick_victim(older)
+            if victim is not None:
+                self.cache.draining = frozenset({victim})
 
     def _load_done(self, seq: Sequence, future) -> None:
         seq.loading = False
@@ -313,8 +337,13 @@ class Scheduler:
             seq.load_s = future.result().load_s
         self.wake.set()
 
-    def _admit(self) -> None:
-        """Prefill the partial sequence and newly admitted ones, up to the token budget."""
+    def _admit(self) -> list[tuple[Sequence, int]]:
+        """Prompt chunks for this step: the partial prefill first, then new sequences.
+
+        At most ``prefill_chunk`` prompt tokens per step, so decode rows in the same pass are
+        never stalled behind a long prompt; a prompt longer than what is left stays partial (in
+        the last KV row) and continues next step.
+        """
         budget = self.prefill_chunk
         batch: list[tuple[Sequence, int]] = []
         partial = [s for s in self.running if s.partial]
@@ -340,8 +369,7 @@ class Scheduler:
             budget -= n
             if n < len(seq.request.prompt_ids):
                 break  # this one stays partial, in the last row
-        if batch:
-            self._prefill(batch)
+        return batch
 
     def _next_ready(self) -> Sequence | None:
         for seq in self.waiting:
@@ -353,54 +381,88 @@ class Scheduler:
                 return seq
         return None
 
-    def _prefill(self, batch: list[tuple[Sequence, int]]) -> None:
-        """Run ``(sequence, tokens)`` prompt chunks in one pass; finished prompts get a token."""
-        chunks = [(s.row, s.request.prompt_ids[s.prefilled:s.prefilled + n], s.prefilled, s.slot)
-                  for s, n in batch]
-        started = time.perf_counter()
+    def _forward(self) -> bool:
+        """One pass: every decoding row's next token and this step's prompt chunks together."""
+        from serve.runtime.runner import DecodeRows
+
+        with self.lock:
+            self._compact()
+        rows = [s for s in self.running if not s.partial]  # rows 0..d-1, before admission
+        chunks = self._admit()
+        if not rows and not chunks:
+            return False
+        assert all(s.row == i for i, s in enumerate(rows)), "KV rows out of order"
+        decode = DecodeRows([s.pending for s in rows], [s.position for s in rows],
+                            [s.slot for s in rows]) if rows else None
+        prompt = [(s.row, s.request.prompt_ids[s.prefilled:s.prefilled + n], s.prefilled, s.slot)
+                  for s, n in chunks]
+        started, cpu = time.perf_counter(), time.process_time()
         try:
-            logits = self.runner.prefill(chunks)
-        except LoradockError as exc:
-            for seq, _ in batch:
-                seq.finish = "abort"
-                seq.sink.fail(exc)
-            return
-        self.stats.prefill_s += time.perf_counter() - started
-        done, rows = [], []
-        for index, (seq, n) in enumerate(batch):
+            logits = self.runner.forward(decode, prompt)
+        except Exception as exc:  # noqa: BLE001 - fail only the requests the pass concerns
+            self._fail_pass(rows, chunks, exc)
+            return False
+        elapsed = time.perf_counter() - started
+        if rows:
+            self.stats.decode_s += elapsed
+            self.stats.decode_cpu_s += time.process_time() - cpu
+            self.stats.record_batch([s.key for s in rows])
+        else:
+            self.stats.prefill_s += elapsed
+        for seq in rows:
+            seq.position += 1
+        done, done_rows = [], []
+        for index, (seq, n) in enumerate(chunks):
             seq.prefilled += n
             self.stats.prefill_tokens += n
             if seq.prefilled == len(seq.request.prompt_ids):
                 seq.position = seq.prefilled
                 self.stats.ttft.append(time.monotonic() - seq.submitted)
                 done.append(seq)
-                rows.append(index)
-        if done:
-            self._accept_many(done, logits[rows])
+                done_rows.append(len(rows) + index)
+        picked = list(range(len(rows))) + done_rows
+        if picked:
+            self._accept_many(rows + done, logits if len(picked) == logits.shape[0]
+                              else logits[picked])
+        return bool(rows)
 
-    # -- decode -----------------------------------------------------------------------------
+    def _fail_pass(self, rows: list[Sequence], chunks: list[tuple[Sequence, int]],
+                   exc: Exception) -> None:
+        """A pass raised: fail its prompt chunks' requests (a decode-only pass: its rows)."""
+        error = exc if isinstance(exc, LoradockError) else EngineUnavailable(
+            f"The engine failed during a forward pass ({type(exc).__name__})",
+            fix="Retry; report the server log if it persists.")
+        self.error = f"{type(exc).__name__}: {exc}"
+        victims = [seq for seq, _ in chunks] or rows
+        for seq in victims:
+            if seq.finish is None:
+                seq.finish = "abort"
+                seq.sink.fail(error)
 
-    def _decode(self) -> bool:
-        with self.lock:
-            self._compact()  # sequences that finished at prefill leave before the pass
-        rows = [s for s in self.running if not s.partial]  # a partial prefill is the last row
-        if not rows:
-            return False
-        assert all(s.row == i for i, s in enumerate(rows)), "KV rows out of order"
-        started, cpu = time.perf_counter(), time.process_time()
-        logits = self.runner.decode([s.pending for s in rows], [s.position for s in rows],
-                                    [s.slot for s in rows])
-        self.stats.decode_s += time.perf_counter() - started
-        self.stats.decode_cpu_s += time.process_time() - cpu
-        self.stats.record_batch([s.key for s in rows])
-        for seq in rows:
-            seq.position += 1
-        self._accept_many(rows, logits)
-        return True
+    def _maybe_shrink_kv(self) -> None:
+        """Give KV memory back once the long sequences that grew it have left."""
+        with self.step_lock, self.lock:
+            longest = max((len(s.request.prompt_ids) + s.request.params.max_tokens
+                           for s in self.running), default=0)
+            self.runner.cache.shrink_to(longest)
 
     def _accept_many(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        choices = sample(logits, [s.sampler for s in seqs])
+        try:
+            choices = sample(logits, [s.sampler for s in seqs])
+        except Exception:  # noqa: BLE001 - find the rows that fail, keep the others
+            choices = []
+            for i, seq in enumerate(seqs):
+                try:
+                    choices.extend(sample(logits[i:i + 1], [seq.sampler]))
+                except Exception as exc:  # noqa: BLE001
+                    choices.append(None)
+                    seq.finish = "abort"
+                    seq.sink.fail(exc if isinstance(exc, LoradockError) else EngineUnavailable(
+                        f"Sampling failed ({type(exc).__name__}: {exc})",
+                        fix="Check the sampling parameters."))
         for seq, choice in zip(seqs, choices, strict=True):
+            if choice is None:
+                continue
             params = seq.request.params
             token = choice.token_id
             if token in params.stop_token_ids:

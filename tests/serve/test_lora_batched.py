@@ -8,85 +8,80 @@ import pytest
 import torch
 
 from serve.runtime.adapter_files import module_scaling
-from serve.runtime.lora import LORA_KERNELS, AdapterWeights, LoraStack, reference_delta
+from serve.runtime.lora import AdapterWeights, LoraStack, reference_delta
 
-SHAPES = {"q_proj": (24, 24), "v_proj": (24, 8), "down_proj": (40, 24)}
+# projection -> (in_features, [part sizes]): a fused 3-part projection, and two single ones.
+SHAPES = {"qkv": (24, [24, 8, 8]), "o": (24, [24]), "down": (40, [24])}
+KEYS = [(layer, name) for layer in range(2) for name in SHAPES]
 
 
-def _adapter(seed: int, rank: int, leaves: tuple[str, ...], layers: int = 2) -> AdapterWeights:
+def _offsets(name: str) -> list[int]:
+    sizes = SHAPES[name][1]
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def _adapter(seed: int, rank: int, names: tuple[str, ...], layers: int = 2) -> AdapterWeights:
     gen = torch.Generator().manual_seed(seed)
     modules = {}
     for layer in range(layers):
-        for leaf in leaves:
-            in_f, out_f = SHAPES[leaf]
-            modules[(layer, leaf)] = (torch.randn(rank, in_f, generator=gen),
-                                      torch.randn(rank, out_f, generator=gen))
+        for name in names:
+            in_f, sizes = SHAPES[name]
+            modules[(layer, name)] = (torch.randn(len(sizes) * rank, in_f, generator=gen),
+                                      [torch.randn(rank, size, generator=gen) for size in sizes])
     return AdapterWeights(modules=modules, rank=rank)
 
 
-# (ranks of the adapters in slots 0.., rows' slot (-1: base), slots left empty)
+# (ranks of the adapters installed in order, rows' adapter index (-1: base), indices evicted)
 CASES = [
     ("one adapter, all rows", [8], [0, 0, 0], ()),
     ("one adapter and base rows", [8], [-1, 0, -1, 0], ()),
-    ("two ranks padded", [4, 16], [1, 0, 1, 0, 0], ()),
+    ("two ranks, two pools", [4, 16], [1, 0, 1, 0, 0], ()),
     ("three adapters, mixed ranks", [8, 2, 8], [2, 0, 1, -1, 2, 1], ()),
     ("only base rows", [8], [-1, -1], ()),
-    ("gap in the used slot range", [8, 4, 8], [0, 2, 2, 0], ()),
+    ("gap in the used indices", [8, 4, 8], [0, 2, 2, 0], ()),
     ("single row", [16], [0], ()),
-    ("evicted slot inside the range", [8, 8, 8], [0, 2, 0], (1,)),
+    ("evicted adapter inside the range", [8, 8, 8], [0, 2, 0], (1,)),
+    ("eight adapters, uneven segments", [8] * 8, [0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 3, -1], ()),
 ]
 
 
-@pytest.mark.parametrize("kernel", LORA_KERNELS)
-@pytest.mark.parametrize(("label", "ranks", "row_slots", "cleared"), CASES,
+@pytest.mark.parametrize(("label", "ranks", "row_adapters", "evicted"), CASES,
                          ids=[c[0] for c in CASES])
-def test_batched_delta_matches_per_row_reference(kernel, label, ranks, row_slots, cleared):
-    leaves_by_slot = [("q_proj", "v_proj", "down_proj"), ("q_proj",), ("v_proj", "down_proj")]
-    adapters = [_adapter(10 + i, r, leaves_by_slot[i % 3]) for i, r in enumerate(ranks)]
-    stack = LoraStack(SHAPES, num_slots=len(ranks) + 1, dtype=torch.float32, kernel=kernel)
-    for slot, adapter in enumerate(adapters):
-        stack.install(slot, adapter)
-    for slot in cleared:
-        stack.clear(slot)
-    assert stack.rank == max(ranks)
+def test_batched_delta_matches_per_row_reference(label, ranks, row_adapters, evicted):
+    names_by_index = [("qkv", "o", "down"), ("qkv",), ("o", "down")]
+    adapters = [_adapter(10 + i, r, names_by_index[i % 3]) for i, r in enumerate(ranks)]
+    stack = LoraStack(SHAPES, capacity=len(ranks), dtype=torch.float32)
+    slots = [stack.install(adapter) for adapter in adapters]
+    for index in evicted:
+        stack.clear(slots[index])
+    row_slots = [slots[i] if i >= 0 else -1 for i in row_adapters]
     plan = stack.plan(row_slots)
     gen = torch.Generator().manual_seed(0)
-    for key in [(layer, leaf) for layer in range(2) for leaf in SHAPES]:
-        in_f, out_f = SHAPES[key[1]]
+    for key in KEYS:
+        in_f, sizes = SHAPES[key[1]]
         x = torch.randn(len(row_slots), in_f, generator=gen)
-        base_out = torch.randn(len(row_slots), out_f, generator=gen)
+        base_out = torch.randn(len(row_slots), sum(sizes), generator=gen)
         out = base_out.clone()
-        stack.apply(key, x, out, plan)
-        rows = [adapters[s] if s >= 0 and s not in cleared else None for s in row_slots]
-        want = base_out + reference_delta(x, rows, key, out_f)
+        stack.apply(key, x, out, plan, _offsets(key[1]))
+        rows = [adapters[i] if i >= 0 and i not in evicted else None for i in row_adapters]
+        want = base_out + reference_delta(x, rows, key, sum(sizes), _offsets(key[1]))
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=f"{label} {key}")
 
 
-def test_untargeted_modules_get_no_delta_and_clear_frees_the_slot():
-    stack = LoraStack(SHAPES, num_slots=2, dtype=torch.float32)
-    stack.install(0, _adapter(1, 4, ("q_proj",)))
-    plan = stack.plan([0, 0])
-    assert stack.targeted((0, "q_proj"), plan)
-    assert not stack.targeted((0, "v_proj"), plan)
-    x, out = torch.randn(2, 24), torch.zeros(2, 8)
-    stack.apply((0, "v_proj"), x, out, plan)
+def test_each_adapter_keeps_its_own_rank_and_clear_frees_the_index():
+    stack = LoraStack(SHAPES, capacity=2, dtype=torch.float32)
+    small = stack.install(_adapter(1, 2, ("qkv",)))
+    big = stack.install(_adapter(2, 16, ("qkv",)))
+    assert sorted(stack.pools) == [2, 16]
+    assert stack.pools[2].a[(0, "qkv")].shape == (2, 3 * 2, 24)  # rank 2, not padded to 16
+    x, out = torch.randn(2, 24), torch.zeros(2, 24)
+    stack.apply((0, "o"), x, out, stack.plan([small, big]), [0])  # "o" is not targeted
     assert torch.count_nonzero(out) == 0
     generation = stack.generation
-    stack.clear(0)
+    stack.clear(small)
     assert stack.generation > generation
-    assert not stack.targeted((0, "q_proj"), stack.plan([0, 0]))
-
-
-def test_rank_growth_keeps_installed_adapters():
-    stack = LoraStack(SHAPES, num_slots=2, dtype=torch.float32)
-    small, big = _adapter(1, 2, ("q_proj",)), _adapter(2, 8, ("q_proj",))
-    stack.install(0, small)
-    stack.install(1, big)
-    x = torch.randn(3, 24)
-    out = torch.zeros(3, 24)
-    stack.apply((0, "q_proj"), x, out, stack.plan([0, 1, -1]))
-    want = reference_delta(x, [small, big, None], (0, "q_proj"), 24)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert stack.has_room(2) and stack.pools[2].free == [0, 1]
+    assert not stack.plan([-1, -1]).pools
 
 
 SCALING_CASES = [

@@ -1,0 +1,182 @@
+"""Pick the CPU compute dtype by measurement: the faster of fp32 and bf16 that keeps the answers.
+
+CPUs differ: on one machine of this project bf16 matmuls ran 7-10x slower than fp32 (AVX2, no
+native bf16), on others 2.5-7x faster (AVX512-BF16, AMX). So nothing is assumed. At start:
+
+1. **Speed**: the model's own projection shapes (q|k|v, o, gate|up, down, lm_head) are timed
+   with ``F.linear`` at a decode batch of 16 rows, in fp32 and in bf16, a fraction of a second
+   each.
+2. **Agreement**: if bf16 is faster, the base runs a fixed probe set teacher-forced (a few
+   sentences through the base's own tokenizer) in fp32 and in bf16; bf16 is chosen only when its
+   top-1 token equals fp32's at ``>= MIN_AGREEMENT`` of the positions.
+
+The result is logged and cached per (CPU flags, torch version, threads, base weights), so later
+starts on the same machine skip the measurement. ``--base-dtype fp32|bf16`` forces a choice.
+
+Where the job ends: this module returns a choice; loading weights in it is `serve.runtime.base`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("loradock.serve")
+
+MIN_AGREEMENT = 0.97
+# bf16 must beat fp32 by this factor on the matmul timing to be considered at all.
+MIN_SPEEDUP = 1.10
+BATCH = 16
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog. Then it runs into the forest and hides.",
+    "Extract the name and age: Ana is 30 years old and lives in Braga, Portugal.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "User: What is the capital of France?\nAssistant: The capital of France is Paris.",
+)
+
+
+@dataclass
+class DtypeChoice:
+    """What was chosen and why (logged, shown in /health detail, cached)."""
+
+    dtype: str  # "fp32" or "bf16"
+    reason: str
+    fp32_ms: float = 0.0
+    bf16_ms: float = 0.0
+    agreement: float | None = None
+    cached: bool = False
+
+
+def cpu_flags() -> str:
+    """The CPU's flag line (``/proc/cpuinfo``), for cache keys and reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def time_matmuls(shapes: list[tuple[int, int]], dtype: torch.dtype, rows: int = BATCH,
+                 repeats: int = 5) -> float:
+    """Milliseconds of one ``F.linear`` pass over ``shapes`` (``[(out, in)]``), best of repeats."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = [torch.randn(o, i, dtype=dtype) * 0.02 for o, i in shapes]
+    inputs = [torch.randn(rows, i, dtype=dtype) for _, i in shapes]
+    best = float("inf")
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        for w, x in zip(weights, inputs, strict=True):
+            F.linear(x, w)
+        best = min(best, time.perf_counter() - started)
+    return best * 1e3
+
+
+def probe_agreement(model: Any, tokenizer_path: Path) -> float:
+    """Share of probe positions where bf16's top-1 token equals fp32's (teacher-forced)."""
+    import copy
+
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=False)
+    vocab = int(model.config.vocab_size)
+    sequences = [[i for i in tokenizer(text)["input_ids"] if i < vocab] for text in PROBE_TEXTS]
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    same = total = 0
+    with torch.inference_mode():
+        for ids in sequences:
+            batch = torch.tensor([ids])
+            ref = model(input_ids=batch).logits[0].argmax(-1)
+            got = low(input_ids=batch).logits[0].float().argmax(-1)
+            same += int((ref == got).sum())
+            total += len(ids)
+    del low
+    return same / max(1, total)
+
+
+def choose(model: Any, base_path: Path, weights_id: str, threads: int,
+           cache_dir: Path | None) -> DtypeChoice:
+    """Measure (or read from the cache) the compute dtype for ``model`` on this CPU.
+
+    Args:
+        model: The loaded fp32 model (its layers still present).
+        base_path: The base folder (tokenizer for the probe).
+        weights_id: What identifies the weights (path, sizes, format) for the cache key.
+        threads: torch threads in use.
+        cache_dir: Where choices are cached (None: no cache).
+    """
+    import torch
+
+    key = hashlib.sha256(json.dumps(
+        [cpu_flags(), torch.__version__, threads, weights_id]).encode()).hexdigest()[:24]
+    cached = _read_cache(cache_dir, key)
+    if cached is not None:
+        return cached
+    config = model.config
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    inter = int(config.intermediate_size)
+    shapes = [((heads + 2 * kv) * head_dim, hidden), (hidden, heads * head_dim),
+              (2 * inter, hidden), (hidden, inter)] * 4 + [(int(config.vocab_size), hidden)]
+    fp32_ms = time_matmuls(shapes, torch.float32)
+    bf16_ms = time_matmuls(shapes, torch.bfloat16)
+    choice = DtypeChoice("fp32", "", fp32_ms, bf16_ms)
+    if fp32_ms < bf16_ms * MIN_SPEEDUP:
+        choice.reason = (f"bf16 matmuls are not faster here ({bf16_ms:.1f} ms vs fp32 "
+                         f"{fp32_ms:.1f} ms)")
+    else:
+        choice.agreement = probe_agreement(model, base_path)
+        if choice.agreement >= MIN_AGREEMENT:
+            choice.dtype = "bf16"
+            choice.reason = (f"bf16 matmuls {fp32_ms / bf16_ms:.1f}x faster and top-1 "
+                             f"agreement {choice.agreement:.1%} >= {MIN_AGREEMENT:.0%}")
+        else:
+            choice.reason = (f"bf16 is {fp32_ms / bf16_ms:.1f}x faster but top-1 agreement "
+                             f"{choice.agreement:.1%} < {MIN_AGREEMENT:.0%}")
+    _write_cache(cache_dir, key, choice)
+    return choice
+
+
+def default_cache_dir() -> Path:
+    """``$LORADOCK_CACHE/dtype-choice`` or ``~/.cache/loradock/dtype-choice``."""
+    root = os.environ.get("LORADOCK_CACHE") or str(Path.home() / ".cache" / "loradock")
+    return Path(root) / "dtype-choice"
+
+
+def _read_cache(cache_dir: Path | None, key: str) -> DtypeChoice | None:
+    if cache_dir is None:
+        return None
+    try:
+        data = json.loads((cache_dir / f"{key}.json").read_text())
+        choice = DtypeChoice(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+    choice.cached = True
+    return choice
+
+
+def _write_cache(cache_dir: Path | None, key: str, choice: DtypeChoice) -> None:
+    if cache_dir is None:
+        return
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(asdict(choice)))
+        os.replace(tmp, cache_dir / f"{key}.json")
+    except OSError as exc:  # a read-only cache only costs a re-measurement next start
+        log.warning("could not cache the dtype choice: %s", exc)
