@@ -2,7 +2,8 @@
 
 Every name that ends up in a path (adapter names, base names, versions) passes through
 `validate_name` first. `ModelRef` parses the strings apps send as ``model``:
-``BASE``, ``BASE+NAME`` and ``BASE+NAME@V``.
+``BASE``, ``BASE+NAME`` and ``BASE+NAME@V``. `public_name` decides what files meant for
+publication (manifest, eval.json, card) say about a local path: its name, never the path.
 
 This module does no I/O; resolving a reference against the store is `hub.store`'s job.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from hub.errors import InvalidName
 
@@ -20,6 +22,20 @@ _NAME_FIX = (
     "Use 1-64 characters: lower-case letters, digits, '.', '_' or '-', starting with a letter "
     "or digit (e.g. 'support-bot')."
 )
+
+
+def public_name(value: object) -> str:
+    """What a published file may say about a local path: its last component only.
+
+    Manifests, ``eval.json`` and cards are pushed to the Hub; a local path there would publish
+    the user's home, temp or checkout folders. Digests identify the content, so the name is
+    enough. URLs and ``hf://`` references are not local and are kept whole; None and ``""``
+    stay ``""``.
+    """
+    text = "" if value is None else str(value)
+    if not text or "://" in text:
+        return text
+    return PurePath(text).name or text.strip("/\\")
 
 
 def validate_name(name: str, what: str = "adapter name") -> str:
