@@ -33,6 +33,7 @@ from hub.manifest import (
     CHAT_TEMPLATE_FILE,
     AdapterManifest,
 )
+from hub.names import public_name
 from train.quant import QuantSpec
 from train.recipe import Recipe
 
@@ -106,10 +107,11 @@ def build_manifest(
     """
     return AdapterManifest(
         base={"name": base.name, "fingerprint": base.fingerprint,
-              "source": base.hf_id or base.path},
+              "source": base.hf_id or base.name},
         method=recipe.method,
-        data=data_report,
-        hyperparameters=recipe.to_dict(),
+        data={**data_report, "source": public_name(data_report.get("source"))},
+        hyperparameters={**recipe.to_dict(), "data": public_name(recipe.data),
+                         "output": public_name(recipe.output)},  # names, never local paths
         quantization=spec.record(),
         compute=compute,
         intended_use=recipe.intended_use,
@@ -184,5 +186,14 @@ def publish_adapter(
         if loss_png.is_file():
             shutil.copyfile(loss_png, tmp / loss_png.name)
         shutil.copytree(data_dir, tmp / "data")
+        _name_the_source(tmp / "data" / "data_report.json")
         manifest.write(tmp)
     return Path(final)
+
+
+def _name_the_source(report_path: Path) -> None:
+    """The published copy of ``data_report.json`` names its source file, not its local path."""
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        report["source"] = public_name(report.get("source"))
+        report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

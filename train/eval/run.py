@@ -32,6 +32,7 @@ from typing import Any
 from hub.bases import BaseInfo
 from hub.errors import InvalidInput, NotFound
 from hub.manifest import AdapterManifest
+from hub.names import public_name
 from train.eval import metrics
 from train.eval.forgetting import forgetting_check
 from train.eval.generate import (
@@ -214,7 +215,7 @@ def run_eval(
         "schema": EVAL_SCHEMA,
         "kind": kind,
         "created_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "adapter": {"dir": str(adapter_dir), "chat_template": loaded.template_source},
+        "adapter": {"dir": public_name(adapter_dir), "chat_template": loaded.template_source},
         "base": {
             "name": base.name,
             "fingerprint": base.fingerprint,
@@ -244,7 +245,8 @@ def run_eval(
         doc.update(_eval_preference(loaded, test, say))
         doc["data"] = {"few_shot_k": 0, "few_shot_seed": None, "few_shot_lines": []}
     doc["data"].update(
-        {"dir": str(data_dir), "split": "test", "test_rows": len(all_test), "evaluated": len(test)}
+        {"dir": public_name(data_dir), "split": "test", "test_rows": len(all_test),
+         "evaluated": len(test)}
     )
     doc["data"]["json_references"] = doc.pop("_json_references", 0)
     baseline = _baseline(doc["systems"], doc["primary_metric"])
