@@ -44,6 +44,7 @@ EVAL_METRICS = [  # (eval.json key, model-index metric_type, label)
     ("field_recall", "recall", "JSON field recall"),
     ("perplexity", "perplexity", "perplexity (assistant tokens)"),
     ("preference_accuracy", "accuracy", "preference accuracy"),
+    ("length_normalised_preference_accuracy", "accuracy", "preference accuracy (per-token)"),
     ("reward_accuracy", "accuracy", "reward accuracy"),
 ]
 

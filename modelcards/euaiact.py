@@ -270,6 +270,10 @@ def _process(facts: Facts) -> str:
     objective = {
         "sft": "supervised fine-tuning, cross-entropy on assistant tokens only",
         "dpo": "direct preference optimisation on chosen/rejected pairs",
+        "orpo": "odds-ratio preference optimisation on chosen/rejected pairs (SFT loss on the "
+        "chosen response plus an odds-ratio penalty; no reference model)",
+        "kto": "Kahneman-Tversky optimisation on responses labelled desirable (chosen) or "
+        "undesirable (rejected), against a frozen reference",
     }.get(m.method, m.method)
     quant = m.quantization or {}
     qtext = (

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
 _KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm", "rewards/margins",
-         "rewards/accuracies", "num_tokens")
+         "rewards/accuracies", "num_tokens", "nll_loss", "log_odds_ratio", "kl")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

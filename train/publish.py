@@ -38,6 +38,12 @@ from train.quant import QuantSpec
 from train.recipe import Recipe
 
 FLOPS_FORMULA = "6 * (frozen + trainable parameters) * tokens_seen"
+# Recorded for DoRA adapters: no loradock engine applies DoRA's magnitude vectors at run time.
+DORA_SERVING = {
+    "use_dora": True,
+    "served_by": "merged exports only (loradock export merged / gguf / ollama)",
+    "server": "refuses DoRA adapters at load time",
+}
 
 
 def base_chat_template(base: BaseInfo) -> bytes:
@@ -130,6 +136,7 @@ def build_manifest(
                 "max_new_tokens": recipe.max_new_tokens,
             },
             "libraries": library_versions(),
+            **({"serving": DORA_SERVING} if recipe.use_dora else {}),
             **(extra or {}),
         },
     )

@@ -101,9 +101,10 @@ def load_quantized_base(base_path: Path, spec: QuantSpec, *, gradient_checkpoint
 
 
 def lora_config(
-    r: int, alpha: float, dropout: float, target_modules: list[str] | str
+    r: int, alpha: float, dropout: float, target_modules: list[str] | str,
+    use_dora: bool = False,
 ) -> Any:
-    """A PEFT ``LoraConfig`` for causal LM training."""
+    """A PEFT ``LoraConfig`` for causal LM training (DoRA when ``use_dora``)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -113,6 +114,7 @@ def lora_config(
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         bias="none",
         task_type="CAUSAL_LM",
+        use_dora=use_dora,
     )
 
 

@@ -128,9 +128,10 @@ class Recipe:
     threads: int = _f(0, "Torch CPU threads; 0 picks the default (see train.threads).")
     report_to: Tracker = _f(
         "none",
-        "Experiment tracker: tensorboard (runs in OUTPUT.runs/tensorboard), mlflow (a local "
-        "file store OUTPUT.runs/mlflow unless MLFLOW_TRACKING_URI is set) or wandb (offline in "
-        "OUTPUT.runs/wandb unless WANDB_MODE is set); its location goes into the manifest.",
+        "Experiment tracker: tensorboard (event files in OUTPUT.tracking/tensorboard), mlflow "
+        "(a local file store in OUTPUT.tracking/mlflow unless MLFLOW_TRACKING_URI is set) or "
+        "wandb (offline in OUTPUT.tracking/wandb unless WANDB_MODE is set); the manifest "
+        "records where.",
     )
     # -- validation, early stopping, checkpoints ------------------------------------------
     logging_steps: int = _f(5, "Log train loss every N optimizer steps.")

@@ -1,4 +1,4 @@
-"""One training run: prepare the data, train QLoRA (SFT or DPO), publish the adapter folder.
+"""One training run: prepare the data, train QLoRA (SFT, DPO, ORPO or KTO), publish the adapter.
 
 Folders, for ``output: runs/demo``::
 
@@ -29,7 +29,7 @@ from hub.errors import Conflict, Incompatible, InvalidInput
 from hub.manifest import AdapterManifest
 from hub.names import parse_adapter_ref
 from hub.store import Store
-from train.recipe import Recipe
+from train.recipe import PREFERENCE_METHODS, Recipe
 
 WORK_SUFFIX = ".work"
 RUN_FILE = "run.json"
@@ -155,13 +155,30 @@ def _prepare_data(recipe: Recipe, tokenizer: Any, data_dir: Path) -> Any:
 
 
 def _check_kind(recipe: Recipe, kind: str) -> None:
-    wanted = "preference" if recipe.method == "dpo" else "sft"
+    wanted = "preference" if recipe.method in PREFERENCE_METHODS else "sft"
     if kind != wanted:
         raise InvalidInput(
             f"method {recipe.method!r} needs {wanted} rows but {recipe.data} holds {kind} rows",
-            fix="Set method: dpo for prompt/chosen/rejected data, method: sft for chats.",
+            fix="Set method: dpo, orpo or kto for prompt/chosen/rejected data, method: sft for "
+            "chats.",
             param="method",
         )
+
+
+# method -> (module, builder); imported when the run starts (TRL is heavy).
+TRAINERS = {
+    "sft": ("train.sft", "build_sft_trainer"),
+    "dpo": ("train.dpo", "build_dpo_trainer"),
+    "orpo": ("train.preference", "build_orpo_trainer"),
+    "kto": ("train.preference", "build_kto_trainer"),
+}
+
+
+def _builder(method: str) -> Any:
+    import importlib
+
+    module, name = TRAINERS[method]
+    return getattr(importlib.import_module(module), name)
 
 
 def run(
@@ -220,7 +237,7 @@ def run(
         if created and latest_checkpoint(work / "checkpoints") is None:
             shutil.rmtree(work, ignore_errors=True)
         raise
-    result.notes = notes
+    result.notes = [*notes, *result.notes]
     if not recipe.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -240,8 +257,8 @@ def _train(
     import torch
     from transformers import AutoTokenizer, set_seed
 
+    from train.args import resolve_optim, tracking, tracking_env
     from train.data import read_split
-    from train.dpo import build_dpo_trainer
     from train.metrics import LOSS_PNG, METRICS_FILE, MetricsLogger, plot_losses, truncate_after
     from train.publish import FLOPS_FORMULA, build_manifest, estimated_flops, publish_adapter
     from train.quant import (
@@ -252,7 +269,6 @@ def _train(
         lora_config,
         pick_device,
     )
-    from train.sft import build_sft_trainer
     from train.threads import apply_threads
 
     final = Path(recipe.output)
@@ -268,18 +284,23 @@ def _train(
     model = load_quantized_base(base.path, spec,
                                 gradient_checkpointing=recipe.gradient_checkpointing)
     model = attach_lora(model, lora_config(recipe.r, recipe.alpha, recipe.dropout,
-                                           recipe.target_modules), parent_dir)
+                                           recipe.target_modules, recipe.use_dora), parent_dir)
     metrics_path = work / METRICS_FILE
     resumed = truncate_after(metrics_path, checkpoint[1]) if checkpoint else None
     if not checkpoint:
         metrics_path.write_text("")
     logger = MetricsLogger(metrics_path, resumed=resumed)
-    build = build_dpo_trainer if recipe.method == "dpo" else build_sft_trainer
-    trainer = build(recipe, model, tokenizer, train_rows, val_rows, spec=spec,
-                    checkpoints=work / "checkpoints", callbacks=[logger, *callbacks],
-                    progress=progress)
-    trainable, total = count_parameters(trainer.model)
-    trainer.train(resume_from_checkpoint=str(checkpoint[0]) if checkpoint else None)
+    optim, optim_note = resolve_optim(recipe.optim, spec.device)
+    notes = [optim_note] if optim_note else []
+    track = tracking(recipe.report_to, final)
+    with tracking_env(track):
+        trainer = _builder(recipe.method)(
+            recipe, model, tokenizer, train_rows, val_rows, spec=spec,
+            checkpoints=work / "checkpoints", callbacks=[logger, *callbacks], progress=progress,
+        )
+        trainable, total = count_parameters(trainer.model)
+        trainer.train(resume_from_checkpoint=str(checkpoint[0]) if checkpoint else None)
+        track.record.update(_tracker_ids(trainer))
     state = trainer.state
     plot_losses(metrics_path, work / LOSS_PNG, title=f"{final.name} ({recipe.method})")
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
@@ -299,16 +320,34 @@ def _train(
         "resumed_from_step": checkpoint[1] if checkpoint else None,
         "best_step": _best_step(state),
     }
+    compute["optimizer"] = {"asked": recipe.optim, "used": optim, "note": optim_note}
     manifest = build_manifest(recipe, base, spec, data_report=report.to_dict(), compute=compute,
-                              parent=parent)
+                              parent=parent, extra={"tracking": track.record})
     publish_adapter(final, model=trainer.model, base=base, manifest=manifest,
                     metrics=metrics_path, loss_png=work / LOSS_PNG, data_dir=work / "data",
                     overwrite=recipe.overwrite)
     return TrainResult(
         adapter_dir=final, base=base, manifest=manifest, data_dir=final / "data",
         steps=int(state.global_step), resumed_from=checkpoint[1] if checkpoint else None,
-        work_dir=work,
+        work_dir=work, notes=notes,
     )
+
+
+def _tracker_ids(trainer: Any) -> dict[str, Any]:
+    """Run ids the tracker integrations assigned (MLflow run id, W&B run id), when any."""
+    ids: dict[str, Any] = {}
+    for callback in trainer.callback_handler.callbacks:
+        name = type(callback).__name__
+        try:
+            if name == "MLflowCallback":
+                run = callback._ml_flow.last_active_run()
+                ids["run_id"] = run.info.run_id if run is not None else None
+            elif name == "WandbCallback":
+                run = callback._wandb.run or getattr(callback._wandb, "last_run", None)
+                ids["run_id"] = run.id if run is not None else None
+        except Exception:  # noqa: BLE001 - an id is a nicety; the tracker's files are what count
+            ids.setdefault("run_id", None)
+    return ids
 
 
 def _best_step(state: Any) -> int | None:

@@ -4,6 +4,12 @@ Loss is on assistant tokens only (``assistant_only_loss``): the tokenizer gets t
 of the base template with ``{% generation %}`` markers (`train.template`), checked first to
 render exactly like the original. The original template is what the adapter folder keeps.
 
+``packing`` uses TRL's best-fit-decreasing packing, which is padding-free: the rows of a batch are
+concatenated into one sequence whose ``position_ids`` restart at each row, and transformers
+builds a block-diagonal causal mask from them, so a row never attends to another row (tested:
+the same loss as unpacked). ``neftune_noise_alpha`` adds NEFTune's uniform noise to the
+embeddings in training only.
+
 Where the job ends: this module builds the trainer. Running it, checkpoints and publishing the
 adapter folder are `train.run`'s.
 """
@@ -86,7 +92,9 @@ def build_sft_trainer(
         **args,
         max_length=recipe.max_seq_len,
         assistant_only_loss=recipe.assistant_only_loss,
-        packing=False,
+        packing=recipe.packing,
+        packing_strategy="bfd",  # padding-free: rows concatenated, position_ids restart per row
+        neftune_noise_alpha=recipe.neftune_noise_alpha,
         dataset_num_proc=None,
     )
     trainer = SFTTrainer(

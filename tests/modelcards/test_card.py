@@ -18,6 +18,10 @@ EVAL_LABELS = {
     "ROUGE-L F1": "rouge_l",
     "JSON validity": "json_validity",
     "perplexity (assistant tokens)": "perplexity",
+    "token F1": "token_f1",
+    "JSON field accuracy": "field_accuracy",
+    "JSON field precision": "field_precision",
+    "JSON field recall": "field_recall",
 }
 SYSTEM_COLUMNS = {"base": "base", "few-shot base": "few_shot",
                   "few-shot base, original weights": "few_shot_original", "adapter": "adapter"}

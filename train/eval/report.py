@@ -55,6 +55,7 @@ METRIC_ROWS = {
     ],
     "preference": [
         ("preference_accuracy", "preference accuracy"),
+        ("length_normalised_preference_accuracy", "preference accuracy (per-token)"),
         ("reward_accuracy", "reward accuracy (vs base)"),
         ("mean_margin", "mean log-likelihood margin"),
         ("perplexity", "perplexity (chosen responses)"),

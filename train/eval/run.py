@@ -69,8 +69,21 @@ METRIC_DEFINITIONS = {
     "json_validity": "share of predictions that are one JSON object/array, over rows whose "
     "reference is JSON (n/a when none is)",
     "preference_accuracy": "share of rows where summed log p(chosen) > log p(rejected)",
+    "length_normalised_preference_accuracy": "share of rows where the mean log p per token of "
+    "the chosen response > that of the rejected one (longer answers are not penalised)",
     "reward_accuracy": "share of rows where the adapter's gain over the base in log p(chosen) "
     "exceeds its gain in log p(rejected) (DPO's implicit reward)",
+}
+# What reward accuracy means for each preference method (the eval report and card print it).
+REWARD_ACCURACY_BY_METHOD = {
+    "dpo": METRIC_DEFINITIONS["reward_accuracy"],
+    "kto": "share of rows where the adapter's gain over the base in log p(chosen) exceeds its "
+    "gain in log p(rejected): KTO's implicit reward log(policy / reference) with the base as "
+    "the reference, compared across the pair",
+    "orpo": "share of rows where the adapter's gain over the base in log p(chosen) exceeds its "
+    "gain in log p(rejected); ORPO trains without a reference model (its penalty is the odds "
+    "ratio of chosen to rejected), so this is a diagnostic against the base, not ORPO's "
+    "objective",
 }
 
 
@@ -224,6 +237,7 @@ def run_eval(
             "quantized": loaded.quantized,
             "weights": loaded.weights,
         },
+        "method": manifest.method if manifest else None,
         "device": device,
         "device_note": device_note,
         "metric_definitions": {},
@@ -242,7 +256,7 @@ def run_eval(
             "few_shot_lines": [s["line"] for s in shots],
         }
     else:
-        doc.update(_eval_preference(loaded, test, say))
+        doc.update(_eval_preference(loaded, test, say, method=doc["method"] or "dpo"))
         doc["data"] = {"few_shot_k": 0, "few_shot_seed": None, "few_shot_lines": []}
     doc["data"].update(
         {"dir": public_name(data_dir), "split": "test", "test_rows": len(all_test),
@@ -437,7 +451,7 @@ def _eval_sft(
 
 
 def _eval_preference(
-    loaded: Loaded, test: list[dict], say: Callable[[str], None]
+    loaded: Loaded, test: list[dict], say: Callable[[str], None], *, method: str = "dpo"
 ) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
     chosen = [
@@ -456,6 +470,10 @@ def _eval_preference(
             c = nll_sums(model, chosen, device=loaded.device)
             r = nll_sums(model, rejected, device=loaded.device)
         logp[system] = {"chosen": [-s.nll for s in c], "rejected": [-s.nll for s in r]}
+        per_token = [
+            float(-a.nll / max(a.tokens, 1) > -b.nll / max(b.tokens, 1))
+            for a, b in zip(c, r, strict=True)
+        ]
         tokens = sum(s.tokens for s in c)
         wins = [
             float(a > b)
@@ -466,6 +484,7 @@ def _eval_preference(
         ]
         systems[system] = {
             "preference_accuracy": metrics.mean(wins),
+            "length_normalised_preference_accuracy": metrics.mean(per_token),
             "mean_margin": metrics.mean(margins),
             "perplexity": metrics.perplexity(sum(s.nll for s in c), tokens),
             "scored_tokens": tokens,
@@ -490,8 +509,10 @@ def _eval_preference(
         "decoding": None,
         "systems": systems,
         "metric_definitions": {
-            k: METRIC_DEFINITIONS[k]
-            for k in ("perplexity", "preference_accuracy", "reward_accuracy")
+            **{k: METRIC_DEFINITIONS[k] for k in (
+                "perplexity", "preference_accuracy", "length_normalised_preference_accuracy")},
+            "reward_accuracy": REWARD_ACCURACY_BY_METHOD.get(
+                method, METRIC_DEFINITIONS["reward_accuracy"]),
         },
         "worst_examples": [
             {
