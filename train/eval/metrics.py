@@ -1,4 +1,4 @@
-"""Task metrics on text and their aggregation: exact match, ROUGE-L, token F1, JSON fields, perplexity.
+"""Text metrics and their aggregation: exact match, ROUGE-L, token F1, JSON fields, perplexity.
 
 Every function here is pure Python on strings and numbers, so the rules are table-testable and
 identical wherever they run. Definitions (also printed in the eval report):
@@ -145,8 +145,7 @@ def json_fields(value: Any, prefix: str = "") -> dict[str, str]:
 
 
 def field_scores(prediction: str, reference: str) -> dict[str, float] | None:
-    """Field-level precision, recall and accuracy of one prediction; None if the reference is not
-    JSON."""
+    """Field-level precision, recall and accuracy of one prediction (None: reference not JSON)."""
     ref_ok, ref_value = parse_json_output(reference)
     if not ref_ok:
         return None
