@@ -72,6 +72,7 @@ def test_fetch_pins_the_commit_and_prepare_records_it(hub: StandInDatasets, tmp_
     report = prepare_dataset(local, tmp_path / "out", origin=origin)
     saved = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert saved["origin"]["sha"] == first and report.rows_kept == 6
+    assert report.source == f"hf://datasets/acme/greetings@{first}/data/train.jsonl"
 
 
 def test_fetch_errors_name_the_problem(hub: StandInDatasets) -> None:

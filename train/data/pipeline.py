@@ -259,6 +259,8 @@ def prepare_dataset(
         Path(source), fmt, tokenizer, max_seq_len, pii, min_answer_tokens
     )
     report.origin = origin
+    if origin:  # name the pinned Hub file, not its place in the local cache
+        report.source = f"hf://datasets/{origin['repo']}@{origin['sha']}/{origin['file']}"
     assignment, notes = split_groups(groups, seed=seed, fractions=fractions)
     report.splits = {name: len(assignment[name]) for name in SPLIT_NAMES}
     report.seed = seed
