@@ -193,16 +193,17 @@ def cast_like_storage(model: Any, dtype: MergeDtype) -> Any:
 
 
 def training_quantization(loaded: LoadedAdapter) -> tuple[dict[str, Any] | None, str]:
-    """The 4-bit settings the adapter was trained with, and a note on where they came from."""
-    quant = loaded.quantization
-    if quant:
-        if not quant.get("load_in_4bit", True):
-            return None, "the manifest says the adapter was trained on an unquantised base"
-        return {"quant_type": quant.get("quant_type", "nf4"),
-                "double_quant": quant.get("double_quant", False)}, "from the manifest"
-    return {"quant_type": "nf4", "double_quant": False}, (
-        "no manifest: assumed loradock's QLoRA default (nf4)"
-    )
+    """The 4-bit settings the adapter was trained with, and a note on where they came from.
+
+    `hub.nf4.trained_4bit` decides (the rule eval, serving and `training_values` use), so the
+    drift reference is the base the merge was made on: no 4-bit record, no 4-bit reference.
+    """
+    from hub.nf4 import trained_4bit
+
+    settings = trained_4bit(loaded.quantization)
+    if settings is None:
+        return None, "the manifest records no 4-bit training base"
+    return settings, "from the manifest"
 
 
 def measure_drift(loaded: LoadedAdapter, merged_logits: list[Any], sequences: list[list[int]],
