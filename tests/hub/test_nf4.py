@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hub.nf4 import bnb_4bit_config, dense_nf4_model, pin_training_numerics
@@ -51,3 +53,23 @@ def test_dense_nf4_values_differ_from_the_original_weights(base_info, base_model
     # 4-bit rounding, not a different model: measured 11 % of the mean |weight| here (16 NF4
     # levels over a base that was already Q4_1 on another grid).
     assert (q_dense - q_orig).abs().mean() < 0.2 * q_orig.abs().mean()
+
+
+@pytest.mark.parametrize("record, expected", [
+    (None, None),
+    ({}, None),
+    ({"load_in_4bit": False, "quant_type": "nf4"}, None),
+    ({"load_in_4bit": True}, {"quant_type": "nf4", "double_quant": True}),
+    ({"load_in_4bit": True, "quant_type": "fp4", "double_quant": False,
+      "compute_dtype": "float32"}, {"quant_type": "fp4", "double_quant": False}),
+])
+def test_one_reading_of_the_4bit_record_for_eval_export_and_drift(record, expected):
+    """Eval, serving, the export merge and its drift reference read the record the same way."""
+    from export.merge import LoadedAdapter, training_quantization, training_values
+    from hub.nf4 import trained_4bit
+
+    assert trained_4bit(record) == expected
+    loaded = LoadedAdapter(None, None, "", Path("base"), Path("adapter"),
+                           quantization=dict(record or {}))
+    assert training_quantization(loaded)[0] == expected
+    assert training_values(dict(record or {}), "auto") == expected
