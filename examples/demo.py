@@ -120,6 +120,7 @@ def main() -> None:
     server = subprocess.Popen([*LORADOCK, "serve", "--port", str(port)])
     try:
         wait_healthy(url, server)
+        print(f"web console (hub, model card, playground) while the demo runs: {url}/")
         call_side_by_side(url, model, [
             "Tomasz is 41 and lives in Gdansk.",
             "Meet Aiko, a 29-year-old from Osaka.",
@@ -135,6 +136,8 @@ def main() -> None:
     run("export", "ollama", ADAPTER, "--out", str(ollama_dir))
 
     print(f"\ndemo finished in {time.time() - started:.0f} s")
+    print("browse the hub, read the card and compare base and adapter in the web console: "
+          "`loradock serve --port 8000`, then open http://127.0.0.1:8000/")
 
 
 if __name__ == "__main__":

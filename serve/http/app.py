@@ -26,7 +26,8 @@ from serve.http.state import AppState
 from serve.ui import install_api_docs, install_console
 
 log = logging.getLogger("loradock.serve")
-_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
+           "/docs", "/openapi.json")
 
 
 def route_label(path: str) -> str:
@@ -37,6 +38,8 @@ def route_label(path: str) -> str:
         return "/v1/models/{model}"
     if path.startswith("/v1/adapters/"):
         return "/v1/adapters/{name}"
+    if path == "/" or path.startswith("/ui/"):
+        return "console"
     return "other"
 
 

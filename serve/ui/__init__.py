@@ -27,11 +27,21 @@ def _mount_static(app: FastAPI) -> None:
 
 
 def install_console(app: FastAPI) -> None:
-    """Add the console's pages and static files to ``app``."""
+    """Add the console's pages and static files to ``app``.
+
+    The hub's per-version facts (size, card state, verdict: a YAML parse per card) are read
+    once per version and cached; a background thread reads those of the versions already
+    registered now, while the engine loads, so the first hub page does not pay for them.
+    """
+    import threading
+
+    from serve.ui.catalog import warm_facts
     from serve.ui.routes import router
 
     _mount_static(app)
     app.include_router(router)
+    threading.Thread(target=warm_facts, args=(app.state.loradock,), daemon=True,
+                     name="console-warm").start()
 
 
 def install_api_docs(app: FastAPI) -> None:

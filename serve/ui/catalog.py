@@ -99,10 +99,7 @@ def _facts_key(record: AdapterRecord) -> tuple[str, str]:
 @functools.lru_cache(maxsize=4096)
 def _facts_cached(path: str, _digest: str) -> VersionFacts:
     folder = Path(path)
-    size = 0
-    for child in folder.rglob("*"):
-        if child.is_file():
-            size += child.stat().st_size
+    size = sum(child.stat().st_size for child in folder.rglob("*") if child.is_file())
     readme = folder / CARD_FILE
     card = "none" if not readme.is_file() else ("draft" if card_is_draft(readme) else "ready")
     verdict, sentence = "none", "Not evaluated (no eval.json)."
@@ -117,6 +114,21 @@ def _facts_cached(path: str, _digest: str) -> VersionFacts:
 def version_facts(record: AdapterRecord) -> VersionFacts:
     """The cached `VersionFacts` of ``record``."""
     return _facts_cached(*_facts_key(record))
+
+
+def warm_facts(state: AppState) -> int:
+    """Read the facts of every version of the served base now (fills the cache); the count.
+
+    Errors are left for the page that needs the facts to report (a version removed meanwhile,
+    an unreadable index): warming is only a head start.
+    """
+    try:
+        records = [r for r in state.store.list() if r.base == state.base.name]
+        for record in records:
+            version_facts(record)
+    except Exception:  # noqa: BLE001 - see above
+        return 0
+    return len(records)
 
 
 def read_eval(folder: Path) -> dict[str, Any] | None:

@@ -63,10 +63,15 @@ def browser(server):
         browser.close()
 
 
+OFF_HOST: list[str] = []  # every request a page made to anywhere but the server
+
+
 def _signed_in(browser, server, key: str):
     """A fresh browser context that entered ``key`` on the key page."""
     proc, _ = server
     context = browser.new_context(viewport={"width": 1360, "height": 900})
+    context.on("request", lambda r: None if r.url.startswith(proc.url + "/")
+               else OFF_HOST.append(r.url))
     page = context.new_page()
     response = page.goto(proc.url + "/")
     assert response.status == 401 and page.locator("#key-form").is_visible()
@@ -123,8 +128,14 @@ def test_hub_card_shows_eval_numbers_and_ai_act_section(server, browser):
         assert "/root" not in page.content() and str(store.home) not in page.content()
         page.set_viewport_size({"width": 1360, "height": 1300})
         screenshot(page, "adapter")
+
+        page.goto(proc.url + "/docs")  # Swagger UI from the vendored files
+        page.wait_for_selector(".opblock-summary-path")
+        paths = page.locator(".opblock-summary-path").all_inner_texts()
+        assert "/v1/chat/completions" in " ".join(paths)
     finally:
         context.close()
+    assert OFF_HOST == []
 
 
 def _metric(proc, name: str, route: str) -> float:
@@ -203,6 +214,7 @@ def test_limited_key_sees_only_its_adapters(server, browser):
         page.wait_for_selector("#key-form")
     finally:
         context.close()
+    assert OFF_HOST == []
     assert httpx.get(proc.url + "/openapi.json").status_code == 401
     docs = httpx.get(proc.url + "/docs")
     assert docs.status_code == 401 and "key-form" in docs.text
