@@ -42,6 +42,8 @@ CASES = [
     ("single row", [16], [0], ()),
     ("evicted adapter inside the range", [8, 8, 8], [0, 2, 0], (1,)),
     ("eight adapters, uneven segments", [8] * 8, [0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 3, -1], ()),
+    ("even segments and base rows", [8, 8], [0, 1, -1, 1, 0], ()),
+    ("two pools, even segments", [4, 4, 8], [0, 1, 2, 1, 0, 2], ()),
 ]
 
 
@@ -73,7 +75,7 @@ def test_each_adapter_keeps_its_own_rank_and_clear_frees_the_index():
     small = stack.install(_adapter(1, 2, ("qkv",)))
     big = stack.install(_adapter(2, 16, ("qkv",)))
     assert sorted(stack.pools) == [2, 16]
-    assert stack.pools[2].a[(0, "qkv")].shape == (2, 3 * 2, 24)  # rank 2, not padded to 16
+    assert stack.pools[2].at[(0, "qkv")].shape == (2, 24, 3 * 2)  # rank 2, not padded to 16
     x, out = torch.randn(2, 24), torch.zeros(2, 24)
     stack.apply((0, "o"), x, out, stack.plan([small, big]), [0])  # "o" is not targeted
     assert torch.count_nonzero(out) == 0
