@@ -119,6 +119,11 @@ def _status(exc: Exception) -> int | None:
 
 
 def _remote_error(action: str, repo_id: str, exc: Exception) -> RemoteError:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if isinstance(exc, OfflineModeIsEnabled):
+        return RemoteError(f"Could not {action} {repo_id!r}: HF_HUB_OFFLINE is set",
+                           fix="Set HF_HUB_OFFLINE=0 (the images set 1) to reach the Hub.")
     status = _status(exc)
     detail = f"HTTP {status}" if status else type(exc).__name__
     server_message = getattr(exc, "server_message", None)
