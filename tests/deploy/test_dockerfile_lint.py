@@ -240,22 +240,17 @@ def test_example_api_keys_load_with_the_servers_parser(tmp_path):
     assert support.may_use("support-bot", 2) and not support.may_use("billing", 1)
 
 
-def test_pull_script_pulls_each_listed_version_in_order(tmp_path):
-    (config,) = [doc for _, doc in _manifests() if doc["kind"] == "ConfigMap"]
-    adapters = tmp_path / "etc/loradock/adapters"
-    adapters.mkdir(parents=True)
-    (adapters / "adapters.txt").write_text(
-        "# comment\n\nmy-org/a@v1 a\nmy-org/a@v2 a\n  \nmy-org/b@main b\n")
-    script = config["data"]["pull.sh"].replace("/etc/loradock/adapters", str(adapters))
-    # A stand-in `loradock` that records its arguments (the real pull needs the network).
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    record = tmp_path / "calls.txt"
-    (bin_dir / "loradock").write_text(f'#!/bin/sh\necho "$*" >> {record}\n')
-    (bin_dir / "loradock").chmod(0o755)
-    out = subprocess.run(["sh", "-c", script], env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert record.read_text().splitlines() == [
-        "hub pull my-org/a@v1 --name a", "hub pull my-org/a@v2 --name a",
-        "hub pull my-org/b@main --name b", "hub list"]
+def test_replicas_pull_adapters_lazily_from_the_hub_and_share_nothing():
+    """deployment.yaml: `--remote hf:ORG`, a per-pod emptyDir store, no init container."""
+    (doc,) = [d for p, d in _manifests() if p.name == "deployment.yaml"]
+    pod = doc["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[args.index("--remote") + 1].startswith("hf:")
+    assert "initContainers" not in pod
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    data = next(m for m in container["volumeMounts"] if m["mountPath"] == "/data")
+    assert volumes[data["name"]] == {"name": data["name"], "emptyDir": {}}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_HUB_OFFLINE"]["value"] == "0"  # the image sets 1
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
