@@ -1,23 +1,21 @@
-"""Benchmark the peft engine in-process; every figure is a ratio against a baseline run here.
+"""Benchmark the peft engine in-process; every figure is measured in this run, ratios in-run.
 
-    nice -n 10 .venv/bin/python bench/serve.py            # full run (~10 min on 2 busy cores)
+    nice -n 10 .venv/bin/python bench/serve.py            # full run (~6 min on 2 quiet cores)
     nice -n 10 .venv/bin/python bench/serve.py --quick    # smaller workload, for a smoke check
 
 Workload: ``--requests`` chat prompts submitted at once, each generating exactly
-``--max-tokens`` greedy tokens (no stop token), on the real SmolLM2 base with 8 real PEFT
-adapters (``--rank``, ``--targets``). Prints:
+``--max-tokens`` greedy tokens, on the real SmolLM2 base with 8 real rank-``--rank`` PEFT
+adapters on every linear layer (all-linear) and 8 on q/k/v/o. Prints:
 
-- tokens/s for base-only, one adapter, and mixed over 8 adapters (round-robin), with the ratios
-  mixed / base and one / base, in wall time and in tokens per CPU-second (steadier when other
-  processes share the cores); each workload is run ``--repeats`` times, interleaved, best kept;
-- the mixed workload with each LoRA kernel (masked, sgmv, grouped, bmm, auto);
-- mixed / base again with 8 adapters on every linear layer (all-linear), the heavy case;
-- the same mixed workload on a naive server (PEFT ``set_adapter`` per request, serial
-  ``generate``) and with PEFT's own mixed batch (``generate(adapter_names=...)``), as ratios;
-- cold vs warm time to first token (adapter not resident vs resident);
-- resident memory per adapter (unpadded tensors, stacked slot, and process RSS growth);
-- nf4 and nf4-dense vs fp32 base: batched and single-stream decode tokens/s (why ``auto`` is
-  nf4-dense, not bitsandbytes nf4, on CPU).
+- the compute dtype ``auto`` chose on this CPU and why (`serve.runtime.dtype_choice`);
+- tokens/s for the base, one adapter, mixed over 8 all-linear adapters, mixed over 8 q/k/v/o
+  adapters, and single-stream (one request, base and with an adapter), with mixed / one;
+- **efficiency** at batch 1, 16 and 32: the time of the model's matmuls alone (its fused
+  projections and lm_head, ``F.linear`` at that batch and dtype) divided by the measured decode
+  step time, both timed here, interleaved;
+- time to first token of a cold adapter (not resident; the first one after start, and a later
+  one) minus a warm one's, and the adapter load time;
+- resident memory per adapter: RSS growth per loaded adapter over its file size.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -53,52 +52,28 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class Workload:
-    """The same requests for every engine and baseline."""
+def requests(prompts, records, max_tokens: int, tag: str):
+    """One greedy request per prompt; ``records[i % len]`` (None: the base)."""
+    from serve.engine import GenerationRequest, SamplingParams
 
-    def __init__(self, prompts: list[list[int]], records: list, max_tokens: int,
-                 heavy: list | None = None) -> None:
-        self.prompts, self.records, self.max_tokens = prompts, records, max_tokens
-        self.heavy = heavy or []
-
-    def requests(self, mode: str, records: list | None = None):
-        from serve.engine import GenerationRequest, SamplingParams
-
-        records = records or self.records
-        out = []
-        for i, prompt in enumerate(self.prompts):
-            record = {"base": None, "one": records[0],
-                      "mixed": records[i % len(records)]}[mode]
-            params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0)
-            out.append(GenerationRequest(f"{mode}-{i}-{time.monotonic_ns()}", prompt, record,
-                                         params))
-        return out
+    return [GenerationRequest(f"{tag}-{i}-{time.monotonic_ns()}", prompt,
+                              records[i % len(records)],
+                              SamplingParams(max_tokens=max_tokens, temperature=0.0))
+            for i, prompt in enumerate(prompts)]
 
 
-async def run_engine(engine, requests) -> dict[str, float]:
-    """Submit all requests at once.
-
-    Returns tokens per wall second and per CPU second end to end (prefill included), and decode
-    tokens per second of decode-pass time (from the engine's counters).
-    """
-    before = engine.stats()
-    wall, cpu = time.perf_counter(), time.process_time()
+async def throughput(engine, reqs) -> float:
+    """Submit all at once; generated tokens per wall second (prefill included)."""
+    started = time.perf_counter()
 
     async def one(req):
         return sum([len(c.token_ids) async for c in engine.generate(req)])
 
-    tokens = sum(await asyncio.gather(*(one(r) for r in requests)))
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    after = engine.stats()
-    decode_s = after["decode_s"] - before["decode_s"]
-    decode_cpu = after["decode_cpu_s"] - before["decode_cpu_s"]
-    rows = after["decode_rows"] - before["decode_rows"]
-    return {"tokens": tokens, "tok_s": tokens / wall, "tok_cpu_s": tokens / cpu,
-            "decode_tok_s": rows / decode_s if decode_s else 0.0,
-            "decode_tok_cpu_s": rows / decode_cpu if decode_cpu else 0.0}
+    tokens = sum(await asyncio.gather(*(one(r) for r in reqs)))
+    return tokens / (time.perf_counter() - started)
 
 
-async def ttft(engine, request) -> tuple[float, float]:
+async def first_token_s(engine, request) -> tuple[float, float]:
     """Seconds to the first chunk, and the adapter load time it reported."""
     started = time.perf_counter()
     stream = engine.generate(request)
@@ -109,213 +84,144 @@ async def ttft(engine, request) -> tuple[float, float]:
     return elapsed, first.adapter_load_s
 
 
-def best(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Best of the runs per figure: other processes only ever slow a run down."""
-    keys = ("tok_s", "tok_cpu_s", "decode_tok_s", "decode_tok_cpu_s")
-    return {k: max(r.get(k, 0.0) for r in runs) for k in keys}
+def efficiency(runner, batches: list[int], repeats: int) -> dict[int, dict[str, float]]:
+    """Matmul-only time / decode step time at each batch (base rows, position ~64)."""
+    import torch
+    import torch.nn.functional as F
+
+    from serve.runtime.runner import DecodeRows
+
+    out = {}
+    prompt = list(range(100, 164))
+    with torch.inference_mode():
+        for n in batches:
+            runner.cache.shrink(0)
+            for _ in range(n):
+                runner.cache.allocate()
+            runner.forward(None, [(i, prompt, 0, -1) for i in range(n)])
+            decode = DecodeRows([7] * n, [len(prompt)] * n, [-1] * n)
+            inputs = {name: torch.randn(n, runner.shapes[name][0], dtype=runner.dtype)
+                      for name in runner.shapes}
+
+            def matmuls(inputs=inputs):
+                for layer in runner.layers:
+                    for name in ("qkv", "o", "gate_up", "down"):
+                        F.linear(inputs[name], getattr(layer, name).weight)
+                F.linear(inputs["qkv"], runner.lm_head)
+
+            steps, mms = [], []
+            for i in range(repeats + 2):
+                started = time.perf_counter()
+                runner.forward(decode, [])
+                step = time.perf_counter() - started
+                started = time.perf_counter()
+                matmuls()
+                mm = time.perf_counter() - started
+                if i >= 2:
+                    steps.append(step)
+                    mms.append(mm)
+            step, mm = statistics.median(steps), statistics.median(mms)
+            out[n] = {"step_ms": step * 1e3, "matmul_ms": mm * 1e3, "efficiency": mm / step}
+            runner.cache.shrink(0)
+    return out
 
 
-async def bench_engine(args, base, work: Workload, results: dict) -> None:
+async def bench(args, base, prompts, sets: dict, results: dict) -> None:
+    """Throughput, single stream, TTFT and memory on one engine with ``auto`` dtype."""
     from serve.engine import EngineConfig, GenerationRequest, SamplingParams, create_engine
 
-    n = len(work.prompts)
-    engine = create_engine("peft", EngineConfig(base=base, base_dtype="fp32", max_running=n,
-                                                max_adapters=len(work.records),
-                                                max_model_len=1024))
+    engine = create_engine("peft", EngineConfig(
+        base=base, base_dtype=args.base_dtype, max_running=max(32, len(prompts)),
+        max_adapters=8, max_model_len=1024, threads=args.threads))
     await engine.start()
     try:
-        await run_engine(engine, work.requests("base")[:2])  # warm-up: first pass allocations
+        results["engine"] = engine.health().detail
+        one_req = lambda record: GenerationRequest(  # noqa: E731
+            f"ttft-{time.monotonic_ns()}", prompts[0], record,
+            SamplingParams(max_tokens=2, temperature=0.0))
+        heavy = sets["all_linear"]
         rss0 = rss_bytes()
-        cold, warm = [], []
-        for record in work.records[:2]:
-            req = lambda r=record: GenerationRequest(  # noqa: E731
-                f"ttft-{time.monotonic_ns()}", work.prompts[0], r,
-                SamplingParams(max_tokens=2, temperature=0.0))
-            cold.append(await ttft(engine, req()))
-            warm.append(await ttft(engine, req()))
-        for record in work.records[2:]:
+        cold_first, load_first = await first_token_s(engine, one_req(heavy[0]))
+        warm = min([(await first_token_s(engine, one_req(heavy[0])))[0] for _ in range(3)])
+        cold_later, load_later = await first_token_s(engine, one_req(heavy[1]))
+        for record in heavy[2:]:
             await engine.load_adapter(record)
         rss1 = rss_bytes()
-        stats = engine.stats()
-        cache = engine._cache
-        unpadded = [cache.get(k).nbytes for k in cache.keys()]
-        results["ttft"] = {
-            "cold_s": sum(c for c, _ in cold) / len(cold),
-            "cold_adapter_load_s": sum(s for _, s in cold) / len(cold),
-            "warm_s": sum(w for w, _ in warm) / len(warm),
+        file_bytes = sum((Path(r.path) / "adapter_model.safetensors").stat().st_size
+                         for r in heavy) / len(heavy)
+        results["ttft"] = {"warm_s": warm, "cold_first_s": cold_first,
+                           "cold_first_load_s": load_first, "cold_later_s": cold_later,
+                           "cold_later_load_s": load_later}
+        results["memory"] = {"rss_growth_per_adapter": (rss1 - rss0) / len(heavy),
+                             "file_bytes": file_bytes,
+                             "ratio": (rss1 - rss0) / len(heavy) / file_bytes}
+        await throughput(engine, requests(prompts[:4], [None], 4, "warm"))
+        runs: dict[str, list[float]] = {}
+        workloads = {
+            "base": [None], "one": heavy[:1], "mixed_all_linear": heavy,
         }
-        results["memory"] = {
-            "unpadded_bytes_per_adapter": sum(unpadded) / len(unpadded),
-            "stack_bytes_per_slot": stats["lora_stack_bytes"] / len(work.records),
-            "rss_growth_per_adapter": (rss1 - rss0) / len(work.records),
-        }
-        await run_engine(engine, work.requests("mixed")[:4])  # warm-up
-        runs: dict[str, list] = {"base": [], "one": [], "mixed": []}
         for _ in range(args.repeats):
-            for mode in runs:
-                runs[mode].append(await run_engine(engine, work.requests(mode)))
-        results["engine"] = {mode: best(r) for mode, r in runs.items()}
-        results["engine_stats"] = engine.stats()
-        kernels = {}
-        runner = engine._runner
-        for kernel in ("masked", "sgmv", "grouped", "bmm", "auto"):
-            runner.lora.kernel, runner._plan = kernel, None
-            pairs: dict[str, list] = {"base": [], "mixed": []}
-            for _ in range(max(1, args.repeats - 1)):  # each kernel against its own base runs
-                for mode in pairs:
-                    pairs[mode].append(await run_engine(engine, work.requests(mode)))
-            kernels[kernel] = {mode: best(r) for mode, r in pairs.items()}
-        results["kernels"] = kernels
-        if work.heavy:  # the same, with rank-16 adapters on every linear layer
-            for key in engine.health().resident_adapters:
-                await engine.unload_adapter(key)
-            for record in work.heavy:
-                await engine.load_adapter(record)
-            heavy: dict[str, list] = {"base": [], "mixed": []}
-            for _ in range(args.repeats):
-                for mode in heavy:
-                    heavy[mode].append(await run_engine(engine, work.requests(mode, work.heavy)))
-            results["all_linear"] = {mode: best(r) for mode, r in heavy.items()}
+            for label, records in workloads.items():
+                runs.setdefault(label, []).append(await throughput(
+                    engine, requests(prompts, records, args.max_tokens, label)))
+        for key in engine.health().resident_adapters:  # the q/k/v/o set
+            await engine.unload_adapter(key)
+        for _ in range(args.repeats):
+            for label, records in (("one_qkvo", sets["qkvo"][:1]),
+                                   ("mixed_qkvo", sets["qkvo"])):
+                runs.setdefault(label, []).append(await throughput(
+                    engine, requests(prompts, records, args.max_tokens, label)))
+            for label, records in (("single_base", [None]), ("single_adapter", heavy[:1])):
+                runs.setdefault(label, []).append(await throughput(
+                    engine, requests(prompts[:1], records, args.max_tokens, label)))
+        results["tok_s"] = {label: max(values) for label, values in runs.items()}
+        results["efficiency"] = efficiency(engine._runner, [1, 16, 32], args.repeats * 3)
     finally:
         await engine.shutdown(drain_timeout_s=5)
-    del engine
-
-
-async def bench_nf4(args, base, work: Workload, results: dict) -> None:
-    """nf4 and nf4-dense vs fp32 base, engines loaded together, runs interleaved."""
-    from serve.engine import EngineConfig, GenerationRequest, SamplingParams, create_engine
-
-    engines = {}
-    for dtype in ("fp32", "nf4", "nf4-dense"):
-        engines[dtype] = create_engine("peft", EngineConfig(
-            base=base, base_dtype=dtype, max_running=len(work.prompts), max_model_len=1024))
-        await engines[dtype].start()
-    try:
-        single = lambda: [GenerationRequest(  # noqa: E731
-            f"single-{time.monotonic_ns()}", work.prompts[0], None,
-            SamplingParams(max_tokens=work.max_tokens, temperature=0.0))]
-        runs: dict[str, list] = {}
-        for engine in engines.values():
-            await run_engine(engine, work.requests("base")[:2])  # warm-up
-        for _ in range(max(1, args.repeats - 1)):
-            for dtype, engine in engines.items():
-                runs.setdefault(f"{dtype}_base", []).append(
-                    await run_engine(engine, work.requests("base")))
-                runs.setdefault(f"{dtype}_single", []).append(await run_engine(engine, single()))
-        for key, value in runs.items():
-            results[key] = best(value)
-    finally:
-        for engine in engines.values():
-            await engine.shutdown(drain_timeout_s=5)
-
-
-def bench_peft(base_model, work: Workload, results: dict, mixed_batch: bool) -> None:
-    """The naive server (set_adapter per request, serial) and PEFT's adapter_names batch."""
-    import torch
-    from peft import PeftModel
-
-    names = [f"a{i}" for i in range(len(work.records))]
-    model = PeftModel.from_pretrained(base_model, work.records[0].path, adapter_name=names[0])
-    for name, record in zip(names[1:], work.records[1:], strict=True):
-        model.load_adapter(str(record.path), adapter_name=name)
-    model.eval()
-    gen = dict(max_new_tokens=work.max_tokens, min_new_tokens=work.max_tokens, do_sample=False,
-               pad_token_id=2)
-    with torch.no_grad():
-        wall, cpu, tokens = time.perf_counter(), time.process_time(), 0
-        for i, prompt in enumerate(work.prompts):
-            model.set_adapter(names[i % len(names)])
-            ids = torch.tensor([prompt])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
-            tokens += out.shape[1] - len(prompt)
-        results["naive"] = {"tok_s": tokens / (time.perf_counter() - wall),
-                            "tok_cpu_s": tokens / (time.process_time() - cpu)}
-        if mixed_batch:
-            width = max(len(p) for p in work.prompts)
-            ids = torch.full((len(work.prompts), width), 2)
-            mask = torch.zeros_like(ids)
-            for i, prompt in enumerate(work.prompts):  # left padding
-                ids[i, width - len(prompt):] = torch.tensor(prompt)
-                mask[i, width - len(prompt):] = 1
-            adapter_names = [names[i % len(names)] for i in range(len(work.prompts))]
-            wall, cpu = time.perf_counter(), time.process_time()
-            out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapter_names,
-                                 **gen)
-            tokens = (out.shape[1] - width) * len(work.prompts)
-            results["peft_mixed_batch"] = {"tok_s": tokens / (time.perf_counter() - wall),
-                                           "tok_cpu_s": tokens / (time.process_time() - cpu)}
-    model.unload()
 
 
 def report(results: dict, args) -> None:
-    eng = results["engine"]
-
-    def ratio(a: dict, b: dict) -> str:
-        text = f"{a['tok_s'] / b['tok_s']:.2f} (cpu {a['tok_cpu_s'] / b['tok_cpu_s']:.2f}"
-        if a.get("decode_tok_s") and b.get("decode_tok_s"):
-            text += (f", decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}, decode cpu "
-                     f"{a['decode_tok_cpu_s'] / b['decode_tok_cpu_s']:.2f}")
-        return text + ")"
-
-    print(f"\n== peft engine, {len(QUESTIONS[:args.requests])} requests x {args.max_tokens} "
-          f"tokens, adapters r={args.rank} on {args.targets} ==")
-    print("ratios: end-to-end wall (cpu: per CPU-second; decode: decode passes only, wall and "
-          "CPU)")
-    for mode in ("base", "one", "mixed"):
-        print(f"{mode:>6}: {eng[mode]['tok_s']:7.1f} tok/s  ({eng[mode]['tok_cpu_s']:6.1f} "
-              f"tok/cpu-s, decode {eng[mode]['decode_tok_s']:6.1f} tok/s)")
-    print(f"mixed / base (8 adapters):   {ratio(eng['mixed'], eng['base'])}")
-    print(f"one / base:                  {ratio(eng['one'], eng['base'])}")
-    for kernel, figures in results["kernels"].items():
-        print(f"kernel {kernel:>7} mixed / base: {ratio(figures['mixed'], figures['base'])}")
-    if "all_linear" in results:
-        heavy = results["all_linear"]
-        print(f"all-linear r={args.rank} adapters, mixed / base: "
-              f"{ratio(heavy['mixed'], heavy['base'])}")
-    if "naive" in results:
-        print(f"naive set_adapter server:    {results['naive']['tok_s']:7.1f} tok/s; "
-              f"engine mixed / naive = {ratio(eng['mixed'], results['naive'])}")
-    if "peft_mixed_batch" in results:
-        print(f"PEFT adapter_names batch:    {results['peft_mixed_batch']['tok_s']:7.1f} tok/s; "
-              f"engine mixed / PEFT batch = {ratio(eng['mixed'], results['peft_mixed_batch'])}")
-    t = results["ttft"]
-    print(f"TTFT cold {t['cold_s']:.3f} s (adapter load {t['cold_adapter_load_s']:.3f} s), "
-          f"warm {t['warm_s']:.3f} s, cold / warm = {t['cold_s'] / t['warm_s']:.1f}")
+    t = results["tok_s"]
+    print(f"\n== peft engine, {args.requests} requests x {args.max_tokens} tokens, rank "
+          f"{args.rank} adapters ==")
+    print(f"engine: {results['engine']}")
+    for label, value in t.items():
+        print(f"{label:>18}: {value:7.1f} tok/s")
+    print(f"mixed / one (all-linear, 8 adapters): {t['mixed_all_linear'] / t['one']:.2f}")
+    print(f"mixed / one (q/k/v/o, 8 adapters):    {t['mixed_qkvo'] / t['one_qkvo']:.2f}")
+    print(f"one / base (all-linear):              {t['one'] / t['base']:.2f}")
+    for n, e in results["efficiency"].items():
+        print(f"efficiency batch {n:>2}: {e['efficiency']:.2f} (matmuls {e['matmul_ms']:.1f} ms"
+              f" / step {e['step_ms']:.1f} ms)")
+    tt = results["ttft"]
+    first, later = tt["cold_first_s"] - tt["warm_s"], tt["cold_later_s"] - tt["warm_s"]
+    print(f"TTFT warm {tt['warm_s'] * 1e3:.0f} ms; a cold adapter adds {first * 1e3:.0f} ms for "
+          f"the first after start (load {tt['cold_first_load_s'] * 1e3:.0f} ms), "
+          f"{later * 1e3:.0f} ms later (load {tt['cold_later_load_s'] * 1e3:.0f} ms)")
     m = results["memory"]
-    print(f"memory per adapter: {m['unpadded_bytes_per_adapter'] / 2**20:.1f} MiB tensors, "
-          f"{m['stack_bytes_per_slot'] / 2**20:.1f} MiB stacked slot, "
-          f"{m['rss_growth_per_adapter'] / 2**20:.1f} MiB RSS growth")
-    if "nf4_base" in results:
-        print(f"nf4 / fp32 base, batched: {ratio(results['nf4_base'], results['fp32_base'])}; "
-              f"single stream: {ratio(results['nf4_single'], results['fp32_single'])}")
-        print("nf4-dense / fp32 base, batched: "
-              f"{ratio(results['nf4-dense_base'], results['fp32_base'])}; single stream: "
-              f"{ratio(results['nf4-dense_single'], results['fp32_single'])}")
+    print(f"memory per adapter: {m['rss_growth_per_adapter'] / 2**20:.1f} MiB RSS growth, file "
+          f"{m['file_bytes'] / 2**20:.1f} MiB, ratio {m['ratio']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj",
-                        help="comma-separated modules, or all-linear")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="8 requests x 12 tokens, one repeat")
-    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--base-dtype", default="auto")
+    parser.add_argument("--quick", action="store_true", help="8 requests x 16 tokens, 1 repeat")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.requests, args.max_tokens, args.repeats = 8, 12, 1
+        args.requests, args.max_tokens, args.repeats = 8, 16, 1
 
-    import torch
     from transformers import AutoTokenizer
 
     from hub.store import Store
     from tests.factories import load_base_model, make_lora
 
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     home = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     cache = REPO / ".cache" / "test" / "bases"
     store = Store(home, cache=cache if cache.is_dir() else None)
@@ -326,21 +232,16 @@ def main(argv: list[str] | None = None) -> None:
                                                   return_dict=False))
                for q in (QUESTIONS * 4)[:args.requests]]
     base_model = load_base_model(base)
-    targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
-    records = [store.register(make_lora(base_model, home / f"src-{i}", seed=i, r=args.rank,
-                                        alpha=2 * args.rank, targets=targets), f"bench-{i}")
-               for i in range(8)]
-    heavy = [] if args.quick or targets == "all-linear" else [
-        store.register(make_lora(base_model, home / f"heavy-{i}", seed=100 + i, r=args.rank,
-                                 alpha=2 * args.rank, targets="all-linear"), f"heavy-{i}")
-        for i in range(8)]
-    work = Workload(prompts, records, args.max_tokens, heavy)
-    results: dict = {"args": vars(args) | {"json": str(args.json)}}
-    asyncio.run(bench_engine(args, base, work, results))
-    if not args.skip_naive:
-        bench_peft(base_model, work, results, mixed_batch=True)
+    sets = {}
+    for label, targets in (("all_linear", "all-linear"),
+                           ("qkvo", ["q_proj", "k_proj", "v_proj", "o_proj"])):
+        sets[label] = [store.register(make_lora(base_model, home / f"{label}-{i}", seed=i,
+                                                r=args.rank, alpha=2 * args.rank,
+                                                targets=targets), f"{label.replace('_', '-')}-{i}")
+                       for i in range(8)]
     del base_model
-    asyncio.run(bench_nf4(args, base, work, results))
+    results: dict = {"args": vars(args) | {"json": str(args.json)}}
+    asyncio.run(bench(args, base, prompts, sets, results))
     report(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))

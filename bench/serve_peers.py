@@ -9,9 +9,11 @@ official ``openai`` client, so the figures include HTTP and detokenisation every
 
 - ``loradock-peft`` (the default engine: the baseline every ratio is against),
   ``loradock-llamacpp``, ``loradock-vllm``: ``loradock serve --engine ...``;
-- ``vllm-server``: ``python -m vllm.entrypoints.openai.api_server --enable-lora`` with the
-  adapters loaded at runtime (``POST /v1/load_lora_adapter``,
-  ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``); it needs ``--max-lora-rank`` passed by hand;
+- ``vllm-server-fp32``, ``vllm-server-bf16``: ``python -m vllm.entrypoints.openai.api_server
+  --enable-lora`` in each dtype of ``--vllm-dtypes`` (its fastest on a CPU depends on the CPU:
+  both are run and the report names the faster), adapters loaded at runtime
+  (``POST /v1/load_lora_adapter``, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``); it needs
+  ``--max-lora-rank`` passed by hand;
 - ``llamacpp-server``: ``python -m llama_cpp.server`` with a config file holding one model entry
   per adapter (the same Q4_1 GGUF with a different GGUF LoRA, converted by export's writer); it
   keeps one model loaded and reloads it when a request names another entry.
@@ -19,13 +21,16 @@ official ``openai`` client, so the figures include HTTP and detokenisation every
 Workloads (``--requests`` requests at once through ``/v1/completions``, a chat-formatted prompt,
 greedy, ``--max-tokens``; rate = completion tokens / wall seconds, from the servers' own usage
 counts): ``one`` (every request for one adapter) and ``mixed`` (round-robin over ``--adapters``
-adapters), each run ``--repeats`` times keeping the best rate (other processes share the
-cores). They run after a warm-up request per adapter; the first (cold) request is timed
-separately. Startup is the time from spawn to a 200 on the health route (for
-vllm-server, after its adapters were loaded). Engines run with the same thread count
-(``--threads``, default: all cores), vLLM in fp32 with its CPU thread binding off and prefix
-caching as ``--prefix-caching`` says for both vLLM rows, llama.cpp on the Q4_1 GGUF. The prompts
-repeat (4 questions over 8 requests), so prefix caching changes the vLLM figures.
+adapters); and the streamed load apps send, ``one_stream`` / ``mixed_stream``:
+``--stream-requests`` streamed chat requests at concurrency ``--concurrency`` (tokens counted
+from the stream). Each is run ``--repeats`` times keeping the best rate (other processes share
+the cores). They run after a warm-up request per adapter; the first (cold) request is timed
+separately. Startup is the time from spawn to a 200 on the health route (for the vLLM servers,
+after their adapters were loaded). Engines run with the same thread count (``--threads``,
+default: all cores), vLLM with its CPU thread binding off and prefix caching as
+``--prefix-caching`` says for both vLLM rows, llama.cpp on the Q4_1 GGUF, loradock-peft with
+``--base-dtype auto`` (its compute dtype measured at start). The prompts repeat (4 questions),
+so prefix caching changes the vLLM figures.
 
 Ratios are against loradock-peft measured in the same run. Other processes share the cores on
 the development machines: the report records the load average before and after.
@@ -58,6 +63,7 @@ QUESTIONS = ["Name three colours of the rainbow.", "Write a haiku about rain.",
              "Why is the sky blue?", "Tell me a fun fact about cats."]
 PEERS = ("loradock-peft", "loradock-llamacpp", "loradock-vllm", "vllm-server",
          "llamacpp-server")
+VLLM_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 @dataclass
@@ -187,6 +193,42 @@ async def run_requests(url: str, models: list[str], prompts: list[str],
             "p50_latency_s": round(latencies[len(latencies) // 2], 2)}
 
 
+async def run_stream(url: str, models: list[str], questions: list[str], max_tokens: int,
+                     concurrency: int) -> dict[str, float]:
+    """Streamed chat requests, ``concurrency`` in flight; rate, median latency and TTFT."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
+                                timeout=1800)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, model: str) -> tuple[int, float, float]:
+        async with gate:
+            started = time.perf_counter()
+            first, tokens = 0.0, 0
+            stream = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": questions[i % len(questions)]}],
+                max_tokens=max_tokens, temperature=0, stream=True)
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    tokens += 1
+                    first = first or time.perf_counter() - started
+            return tokens, time.perf_counter() - started, first
+
+    started = time.perf_counter()
+    try:
+        done = await asyncio.gather(*(one(i, m) for i, m in enumerate(models)))
+    finally:
+        await client.close()
+    wall = time.perf_counter() - started
+    tokens = sum(t for t, _, _ in done)
+    latencies = sorted(s for _, s, _ in done)
+    ttfts = sorted(f for _, _, f in done)
+    return {"wall_s": round(wall, 2), "tokens": tokens, "tok_per_s": round(tokens / wall, 2),
+            "p50_latency_s": round(latencies[len(latencies) // 2], 2),
+            "p50_ttft_s": round(ttfts[len(ttfts) // 2], 3)}
+
+
 def measure(peer: str, server: Server, names: list[str], prompts: list[str],
             args: argparse.Namespace, timeout_s: float) -> Result:
     result = Result(peer)
@@ -200,6 +242,12 @@ def measure(peer: str, server: Server, names: list[str], prompts: list[str],
         for label, models in (("one", one), ("mixed", mixed)):
             runs = [asyncio.run(run_requests(server.url, models, prompts, args.max_tokens))
                     for _ in range(args.repeats)]
+            result.workloads[label] = max(runs, key=lambda run: run["tok_per_s"])
+        count = args.stream_requests
+        for label, models in (("one_stream", [names[0]] * count),
+                              ("mixed_stream", [names[i % len(names)] for i in range(count)])):
+            runs = [asyncio.run(run_stream(server.url, models, QUESTIONS, args.max_tokens,
+                                           args.concurrency)) for _ in range(args.repeats)]
             result.workloads[label] = max(runs, key=lambda run: run["tok_per_s"])
     except Exception as exc:  # one peer failing must not hide the others
         result.error = f"{type(exc).__name__}: {str(exc)[:400]}"
@@ -221,18 +269,18 @@ def start_loradock(engine: str, args, env, work: Path) -> Server:
     return Server(cmd, env, port, work / f"{engine}.log", "/health")
 
 
-def start_vllm_server(base, records, args, env, work: Path) -> Server:
+def start_vllm_server(base, records, args, env, work: Path, dtype: str) -> Server:
     port = free_port()
     env = {**env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base.path,
            "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "512", "--enable-lora",
+           "--dtype", dtype, "--max-model-len", "512", "--enable-lora",
            "--max-loras", str(args.adapters), "--max-cpu-loras", str(args.adapters),
            "--max-lora-rank", str(max(16, args.rank)), "--max-num-seqs", str(args.requests),
            "--generation-config", "vllm", "--disable-log-stats",
            "--enable-prefix-caching" if args.prefix_caching == "on"
            else "--no-enable-prefix-caching"]
-    return Server(cmd, env, port, work / "vllm-server.log", "/health")
+    return Server(cmd, env, port, work / f"vllm-server-{dtype}.log", "/health")
 
 
 def load_vllm_adapters(server: Server, records) -> None:
@@ -262,8 +310,9 @@ def report(results: list[Result], load: tuple[str, str]) -> str:
     base = next((r for r in results if r.peer == "loradock-peft" and not r.error), None)
     lines = [f"load average before / after: {load[0]} / {load[1]}", "",
              "| server | startup s | cold first request s | one: tok/s | one: x peft | "
-             "mixed: tok/s | mixed: x peft | mixed p50 latency s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "mixed: tok/s | mixed: x peft | mixed p50 latency s | one stream: tok/s | "
+             "mixed stream: tok/s | mixed stream: x peft | mixed stream p50 TTFT s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.error:
             lines.append(f"| {r.peer} | not run: {r.error} |||||||")
@@ -275,15 +324,39 @@ def report(results: list[Result], load: tuple[str, str]) -> str:
             cells.append(f"{w.get('tok_per_s', '-')}")
             cells.append(f"{w['tok_per_s'] / ref:.2f}" if ref and w else "-")
         cells.append(f"{r.workloads.get('mixed', {}).get('p50_latency_s', '-')}")
+        cells.append(f"{r.workloads.get('one_stream', {}).get('tok_per_s', '-')}")
+        w = r.workloads.get("mixed_stream", {})
+        ref = base.workloads.get("mixed_stream", {}).get("tok_per_s") if base else None
+        cells.append(f"{w.get('tok_per_s', '-')}")
+        cells.append(f"{w['tok_per_s'] / ref:.2f}" if ref and w else "-")
+        cells.append(f"{w.get('p50_ttft_s', '-')}")
         lines.append("| " + " | ".join(cells) + " |")
+    ours = base.workloads if base else {}
+    vllm = [r for r in results if r.peer.startswith("vllm-server") and not r.error]
+    if ours and vllm:
+        for label in ("mixed", "mixed_stream"):
+            fastest = max(vllm, key=lambda r: r.workloads.get(label, {}).get("tok_per_s", 0))
+            rate = fastest.workloads.get(label, {}).get("tok_per_s")
+            if rate and label in ours:
+                lines.append(f"\n{label}: loradock-peft / {fastest.peer} (vLLM's fastest dtype "
+                             f"here) = {ours[label]['tok_per_s'] / rate:.2f}")
+    if "one" in ours and "mixed" in ours:
+        lines.append(f"loradock-peft mixed / one = "
+                     f"{ours['mixed']['tok_per_s'] / ours['one']['tok_per_s']:.2f}")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=8, help="requests sent at once")
-    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request")
-    parser.add_argument("--adapters", type=int, default=4, help="adapters in the mixed load")
+    parser.add_argument("--requests", type=int, default=16, help="requests sent at once")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
+    parser.add_argument("--adapters", type=int, default=8, help="adapters in the mixed load")
+    parser.add_argument("--stream-requests", type=int, default=32,
+                        help="streamed chat requests in the stream workloads")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="streamed requests in flight at once")
+    parser.add_argument("--vllm-dtypes", default="float32,bfloat16",
+                        help="dtypes to run vLLM's server in (the faster is the reference)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (all linear layers)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--repeats", type=int, default=2,
@@ -317,16 +390,18 @@ def main() -> None:
                 server = start_loradock(peer.split("-", 1)[1], args, env, work)
                 results.append(measure(peer, server, ours, prompts, args, 900))
             elif peer == "vllm-server":
-                server = start_vllm_server(base, records, args, env, work)
-                try:
-                    server.wait_ready(900)
-                    load_vllm_adapters(server, records)
-                except Exception as exc:
-                    server.stop()
-                    results.append(Result(peer, error=f"{type(exc).__name__}: {exc}"[:400]))
-                    continue
-                results.append(measure(peer, server, [r.name for r in records], prompts,
-                                       args, 900))
+                for dtype in args.vllm_dtypes.split(","):
+                    name = f"{peer}-{VLLM_DTYPES.get(dtype, dtype)}"
+                    server = start_vllm_server(base, records, args, env, work, dtype)
+                    try:
+                        server.wait_ready(900)
+                        load_vllm_adapters(server, records)
+                    except Exception as exc:
+                        server.stop()
+                        results.append(Result(name, error=f"{type(exc).__name__}: {exc}"[:400]))
+                        continue
+                    results.append(measure(name, server, [r.name for r in records], prompts,
+                                           args, 900))
             elif peer == "llamacpp-server":
                 server = start_llamacpp_server(ggufs, args, env, work)
                 results.append(measure(peer, server, [f"peer{i}" for i in range(len(ggufs))],
@@ -334,10 +409,8 @@ def main() -> None:
         load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
         text = report(results, (load_before, load_after))
         print("\n" + text)
-        if args.json:
-            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                             "results": [asdict(r) for r in results],
-                                             "report": text}, indent=2))
+        if args.json:  # a list of {"peer", "workloads": {label: {"tok_per_s", ...}}, ...}
+            args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
