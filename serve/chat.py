@@ -3,7 +3,9 @@
 Everything between the request's messages and the engine's token ids happens here, once for all
 engines: the chat template saved with the adapter (``chat_template.jinja``, byte for byte what
 training used) or else the base tokenizer's is rendered with the base's own HF tokenizer, so the
-prompt is exactly what ``tokenizer.apply_chat_template`` gives; generated ids come back as text
+prompt is exactly what ``tokenizer.apply_chat_template`` gives (with the recipe's system prompt
+from the adapter's manifest first when the request has no system message, as in training:
+`recorded_system_prompt`); generated ids come back as text
 through `Detokenizer`, which never splits a UTF-8 character, and `StopMatcher` cuts the text at
 the first stop string.
 
@@ -30,6 +32,13 @@ from serve.grammar import Grammars
 _END_TOKENS = ("<|im_end|>",)
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _TEMPLATE_CACHE_SIZE = 256
+
+
+def recorded_system_prompt(adapter: AdapterRecord | None) -> str:
+    """The system prompt the adapter trained with (manifest ``extra.system_prompt``), or ``""``."""
+    manifest = adapter.manifest if adapter is not None else None
+    value = manifest.extra.get("system_prompt") if manifest is not None else None
+    return value if isinstance(value, str) else ""
 
 
 def _byte_level_decoder() -> dict[str, int]:
@@ -126,6 +135,9 @@ class Formatter:
                     tools: list[dict[str, Any]] | None = None) -> str:
         """Render ``messages`` with the adapter's template and the assistant generation prompt.
 
+        A conversation without a system message gets the adapter's recorded system prompt
+        first (`recorded_system_prompt`), the rule training applied (`train.sft`).
+
         Args:
             messages: The conversation (tool calls and tool results as templates expect them).
             adapter: Whose template to use (None: the base's).
@@ -136,6 +148,9 @@ class Formatter:
         """
         import jinja2
 
+        system = recorded_system_prompt(adapter)
+        if system and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
         try:
             return self.tokenizer.apply_chat_template(
                 messages,
