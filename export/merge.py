@@ -219,13 +219,15 @@ def measure_drift(loaded: LoadedAdapter, merged_logits: list[Any], sequences: li
     from export.parity import compare_logits, forward_logits
 
     settings, note = training_quantization(loaded)
-    if settings is None:
-        return DriftReport(reference="adapter on the unquantised base", note=note)
-    label = f"adapter on {settings['quant_type']} 4-bit base"
-    try:
-        quantised = load_adapter(loaded.base_path, loaded.adapter_path, quantised=settings)
-    except (ImportError, RuntimeError, ValueError) as exc:  # bitsandbytes missing or unusable
-        return DriftReport(reference=label, note=f"skipped: cannot load a 4-bit base ({exc})")
+    if settings is None:  # the base it was merged into: measures the merge and the storage cast
+        label = "adapter on the unquantised base"
+        quantised = load_adapter(loaded.base_path, loaded.adapter_path)
+    else:
+        label = f"adapter on {settings['quant_type']} 4-bit base"
+        try:
+            quantised = load_adapter(loaded.base_path, loaded.adapter_path, quantised=settings)
+        except (ImportError, RuntimeError, ValueError) as exc:  # bitsandbytes missing/unusable
+            return DriftReport(reference=label, note=f"skipped: cannot load a 4-bit base ({exc})")
     other = forward_logits(quantised, sequences, starts)
     del quantised
     agreement, mean_abs, max_abs, positions = compare_logits(merged_logits, other)
