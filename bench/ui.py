@@ -14,7 +14,7 @@ Prints, per page, the first (cold: nothing cached) and the median and p95 of ``-
 HTTP requests in ms, timed from the request to the last byte, and each median as a ratio to
 ``GET /v1/models`` (the API's own listing of the same hub, measured in the same run). With
 Chromium installed it also prints the browser's ms from navigation start to the last byte of
-the page, to DOMContentLoaded and to the load event.
+the page, to DOMContentLoaded, to the first contentful paint and to the load event.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def timed(client, path: str, n: int) -> tuple[float, list[float]]:
 
 
 def browser_times(url: str, paths: list[str]) -> dict[str, tuple[float, ...]]:
-    """Chromium's ms from navigation start to response end, DOM ready, load (median of 3)."""
+    """Chromium's ms from navigation to response end, DOM ready, first paint, load (medians)."""
     try:
         from playwright.sync_api import sync_playwright
 
@@ -106,8 +106,10 @@ def browser_times(url: str, paths: list[str]) -> dict[str, tuple[float, ...]]:
                 page.goto(url + path, wait_until="load")
                 samples.append(page.evaluate(
                     "(() => { const t = performance.getEntriesByType('navigation')[0];"
+                    " const p = performance.getEntriesByName('first-contentful-paint')[0];"
                     " return [t.responseEnd - t.startTime, t.domContentLoadedEventEnd"
-                    " - t.startTime, t.loadEventEnd - t.startTime]; })()"))
+                    " - t.startTime, p ? p.startTime : NaN, t.loadEventEnd - t.startTime];"
+                    " })()"))
             out[path] = tuple(statistics.median(x) for x in zip(*samples, strict=True))
         browser.close()
     return out
@@ -160,13 +162,13 @@ def main() -> None:
             uncached_ms = (time.perf_counter() - started) * 1000
         baseline = statistics.median(results["/v1/models"][1])
         print(f"\n{'page':32} {'cold ms':>8} {'median':>8} {'p95':>8} {'vs /v1/models':>14}"
-              f"  browser ms: response, DOM ready, load")
+              f"  browser ms: response, DOM ready, first paint, load")
         worst = 0.0
         for path, label in pages:
             first, samples = results[path]
             median = statistics.median(samples)
             p95 = sorted(samples)[max(0, int(len(samples) * 0.95) - 1)]
-            shown = ("{:6.0f} {:6.0f} {:6.0f}".format(*browser[path]) if path in browser
+            shown = ("{:6.0f} {:6.0f} {:6.0f} {:6.0f}".format(*browser[path]) if path in browser
                      else "")
             print(f"{label:32} {first:8.1f} {median:8.1f} {p95:8.1f} {median / baseline:13.2f}x"
                   f" {shown}")

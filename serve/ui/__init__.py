@@ -13,7 +13,10 @@ the same public routes as apps; it adds no route that generates text or changes 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -21,9 +24,27 @@ from fastapi.staticfiles import StaticFiles
 STATIC = Path(__file__).parent / "static"
 
 
+@functools.lru_cache(maxsize=1)
+def asset_version() -> str:
+    """A digest of the static files: pages link ``console.css?v=...``, so they can be cached."""
+    digest = hashlib.sha256()
+    for path in sorted(STATIC.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+class _CachedStatic(StaticFiles):
+    """Static files a browser keeps for a day (a changed file gets a new ``?v=`` link)."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Any:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "public, max-age=86400"
+        return response
+
+
 def _mount_static(app: FastAPI) -> None:
     if not any(getattr(r, "name", None) == "ui-static" for r in app.routes):
-        app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
+        app.mount("/ui/static", _CachedStatic(directory=STATIC), name="ui-static")
 
 
 def install_console(app: FastAPI) -> None:

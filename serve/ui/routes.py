@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from hub.errors import LoradockError
 from serve.http.models import visible_cards
 from serve.http.state import AppState, app_state
+from serve.ui import asset_version
 from serve.ui.access import Viewer, viewer
 from serve.ui.cards import eval_view, rendered_card
 from serve.ui.catalog import (
@@ -82,7 +83,8 @@ def render(request: Request, template: str, who: Viewer, status: int = 200,
     """Render ``template`` with the context every page shares."""
     state = app_state(request)
     html = environment().get_template(template).render(
-        who=who, base=state.base.name, engine=state.engine.name, **context)
+        who=who, base=state.base.name, engine=state.engine.name, asset_version=asset_version(),
+        **context)
     return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
 
 

@@ -159,6 +159,12 @@ def test_playground_streams_three_different_answers(server, browser):
         assert checked == models
         page.fill("#user", PROMPT)
         page.fill("#max-tokens", "24")
+        events: list[tuple[str, dict | None]] = []
+        chat_url = proc.url + "/v1/chat/completions"
+        page.on("request", lambda r: r.url == chat_url and events.append(
+            ("sent", json.loads(r.post_data or "{}"))))
+        page.on("requestfinished", lambda r: r.url == chat_url and events.append(
+            ("finished", None)))
         page.click("#run")
         page.wait_for_function(
             "document.querySelectorAll('#columns .column.done').length === 3", timeout=240_000)
@@ -170,6 +176,11 @@ def test_playground_streams_three_different_answers(server, browser):
             assert float(column.locator(".tps").inner_text()) > 0
             assert int(column.locator(".tokens").inner_text()) > 1
         assert sorted(answers) == sorted(models)
+        assert [kind for kind, _ in events[:3]] == ["sent"] * 3  # all sent before any ended
+        for _, body in events[:3]:
+            assert body["stream"] is True and body["model"] in models
+            assert body["messages"] == [{"role": "user", "content": PROMPT}]
+            assert body["temperature"] == 0 and body["max_tokens"] == 24
         assert all(a.strip() for a in answers.values()), answers
         assert len(set(answers.values())) == 3, answers
         screenshot(page, "playground")

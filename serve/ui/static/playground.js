@@ -19,18 +19,47 @@ function limitChoices() {
   update();
 }
 
-function requestBody(model) {
+/** The conversation: system prompt, then every turn in order (the last one is the user's). */
+function conversation() {
   const messages = [];
   const system = document.getElementById("system").value.trim();
   if (system) messages.push({ role: "system", content: system });
-  messages.push({ role: "user", content: document.getElementById("user").value });
+  for (const box of document.querySelectorAll("#turns textarea")) {
+    messages.push({ role: box.dataset.role || "user", content: box.value });
+  }
+  return messages;
+}
+
+/** Insert an assistant answer and a new user message before sending again. */
+function addTurn() {
+  const turns = document.getElementById("turns");
+  for (const role of ["assistant", "user"]) {
+    const label = document.createElement("label");
+    label.textContent = role === "assistant" ? "Assistant" : "User";
+    const box = document.createElement("textarea");
+    box.rows = 2;
+    box.dataset.role = role;
+    label.appendChild(box);
+    turns.appendChild(label);
+  }
+  turns.lastElementChild.querySelector("textarea").focus();
+}
+
+function requestBody(model) {
+  const messages = conversation();
   const body = {
     model, messages, stream: true, stream_options: { include_usage: true },
     temperature: Number(document.getElementById("temperature").value),
     max_tokens: Number(document.getElementById("max-tokens").value),
   };
   const format = document.getElementById("response-format").value;
-  if (format !== "text") body.response_format = { type: format };
+  if (format === "json_object") body.response_format = { type: format };
+  if (format === "json_schema") {
+    body.response_format = {
+      type: format,
+      json_schema: { name: "answer", schema: JSON.parse(document.getElementById("schema").value) },
+    };
+  }
   return body;
 }
 
@@ -51,8 +80,9 @@ async function streamOne(model, column, controller) {
   let first = null, chunks = 0, usage = null, finish = "";
   state.textContent = "sending";
   try {
+    const body = requestBody(model);  // a schema that is not JSON shows its error in the column
     const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: apiHeaders(), body: JSON.stringify(requestBody(model)),
+      method: "POST", headers: apiHeaders(), body: JSON.stringify(body),
       signal: controller.signal,
     });
     if (!response.ok) {
@@ -128,6 +158,11 @@ async function sendAll(event) {
 
 document.addEventListener("DOMContentLoaded", () => {
   limitChoices();
+  document.getElementById("add-turn").addEventListener("click", addTurn);
+  const format = document.getElementById("response-format");
+  format.addEventListener("change", () => {
+    document.getElementById("schema-box").hidden = format.value !== "json_schema";
+  });
   document.getElementById("playground").addEventListener("submit", sendAll);
   document.getElementById("stop").addEventListener("click", () => running.forEach((r) => r.controller.abort()));
 });
