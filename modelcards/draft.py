@@ -1,4 +1,4 @@
-"""Is a model card a draft? The rule lives in `hub.card` (``hub push`` applies it); re-exported here.
+"""Is a model card a draft? The rule lives in `hub.card` (``hub push`` applies it), re-exported.
 
 modelcards writes cards that satisfy it (`modelcards.card` uses the key, the tag and the heading
 below), so both stages read one rule. See `hub.card` for what makes a card publishable.
