@@ -143,8 +143,9 @@ def main() -> None:
                               log_level="warning")
         pages = [
             ("/v1/models", "GET /v1/models (baseline)"),
-            ("/", f"hub, {args.adapters} adapters"),
-            ("/?q=adapter-1", "hub, search"),
+            ("/", f"hub, {args.adapters} adapters, page 1"),
+            ("/?page=1000", "hub, last page"),
+            ("/?q=adapter-1", "hub, search all"),
             ("/ui/adapters/adapter-007/1/", "adapter page"),
             ("/ui/playground", "playground"),
             ("/ui/server", "server"),

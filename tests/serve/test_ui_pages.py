@@ -70,6 +70,21 @@ def test_hub_filters(open_client, query, expected):
     assert _names(open_client.get("/?" + query).text) == expected
 
 
+def test_hub_pages_keep_the_filters(open_client, monkeypatch):
+    from serve.ui import routes
+
+    monkeypatch.setattr(routes, "PAGE_SIZE", 1)
+    first = open_client.get("/").text
+    assert _names(first) == ["secret"] and "1–1 of 2" in first
+    assert 'href="/?page=2" rel="next"' in first
+    second = open_client.get("/?page=2").text
+    assert _names(second) == ["team-a"] and 'href="/?page=1" rel="prev"' in second
+    assert _names(open_client.get("/?page=99").text) == ["team-a"]  # the last page
+    filtered = open_client.get("/?method=lora").text
+    assert 'href="/?method=lora&amp;page=2"' in filtered
+    assert open_client.get("/?page=0").status_code == 400
+
+
 def test_adapter_page_versions_checksums_and_snippets(open_client, registered):
     record = registered.get("team-a", 1)
     page = open_client.get("/ui/adapters/team-a/1/")

@@ -65,6 +65,7 @@ function initHubSearch() {
   if (!search || !table) return;
   const rows = Array.from(table.querySelectorAll("tr.adapter"));
   const shown = document.getElementById("shown-count");
+  if (shown) shown.dataset.all = shown.textContent;
   search.addEventListener("input", () => {
     const words = search.value.toLowerCase().split(/\s+/).filter(Boolean);
     let count = 0;
@@ -73,7 +74,7 @@ function initHubSearch() {
       row.hidden = !ok;
       if (ok) count += 1;
     }
-    if (shown) shown.textContent = `${count} shown`;
+    if (shown) shown.textContent = words.length ? `${count} on this page match` : shown.dataset.all;
   });
   for (const select of document.querySelectorAll("#filters select, #filters input[type=checkbox]")) {
     select.addEventListener("change", () => select.form.submit());
