@@ -63,6 +63,9 @@ def train(
     loradock.json (manifest), metrics.jsonl, loss.png, data/, eval.json, eval_report.md and
     README.md. Checkpoints live beside it in OUTPUT.work/ until the run succeeds.
 
+    Several GPUs (DDP, QLoRA per process; batch_size is per process):
+    accelerate launch --multi_gpu --num_processes 4 $(which loradock) train RECIPE
+
     Example: loradock train examples/json-extract/recipe.yaml --set max_steps=20 --register demo
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -85,6 +88,8 @@ def train(
     store = Store()
     typer.echo(f"training {spec.method} on {spec.data} -> {spec.output}", err=True)
     result = run(spec, store=store, resume=resume, progress=progress)
+    if not result.main_process:
+        return  # a distributed run's other processes: the main one evaluates and registers
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     compute = result.manifest.compute

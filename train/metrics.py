@@ -85,6 +85,8 @@ class MetricsLogger(TrainerCallback):
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
     ) -> None:
         """Write one line with the step, epoch, elapsed time and the known metrics."""
+        if not getattr(state, "is_world_process_zero", True):
+            return  # one writer in a distributed run
         logs = logs or {}
         row: dict[str, Any] = {
             "step": int(state.global_step),

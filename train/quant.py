@@ -84,8 +84,10 @@ def load_quantized_base(base_path: Path, spec: QuantSpec, *, gradient_checkpoint
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {}
-    if spec.device == "cuda":
-        kwargs["device_map"] = {"": 0}
+    if spec.device == "cuda":  # one GPU per process under accelerate launch / torchrun (DDP)
+        from accelerate import PartialState
+
+        kwargs["device_map"] = {"": PartialState().local_process_index}
     model = AutoModelForCausalLM.from_pretrained(
         str(base_path),
         quantization_config=spec.bnb_config(),

@@ -52,6 +52,9 @@ class TrainResult:
         steps: Optimizer steps done (resumed ones included).
         resumed_from: Checkpoint step the run continued from, if any.
         work_dir: The work folder (gone unless ``keep_checkpoints``).
+        notes: Things the run wants the user to know (optimizer fallback, resume).
+        main_process: False in the other processes of a distributed run, which publish
+            nothing (evaluation, card and registration are the main process's).
     """
 
     adapter_dir: Path
@@ -62,6 +65,7 @@ class TrainResult:
     resumed_from: int | None = None
     work_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
+    main_process: bool = True
 
 
 def work_dir_for(final: Path) -> Path:
@@ -214,6 +218,9 @@ def run(
     parent, parent_dir = _resolve_parent(store, recipe, base)
     final = Path(recipe.output)
     work = work_dir_for(final)
+    state = process_state()
+    main = state.is_main_process
+    # Every process checks the same state of the folders; only then does the main one write.
     if final.exists() and not recipe.overwrite:
         raise Conflict(f"Output {final} already exists",
                        fix="Choose another output, or --set overwrite=true to replace it.")
@@ -227,20 +234,38 @@ def run(
     if resume and checkpoint is None:
         notes.append(f"no checkpoint in {work / 'checkpoints'}; starting from step 0")
     created = not work.exists()
-    work.mkdir(parents=True, exist_ok=True)
-    (work / RUN_FILE).write_text(json.dumps(
-        {"recipe": recipe.to_dict(), "base_fingerprint": base.fingerprint}, indent=2))
+    state.wait_for_everyone()
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / RUN_FILE).write_text(json.dumps(
+            {"recipe": recipe.to_dict(), "base_fingerprint": base.fingerprint}, indent=2))
+    state.wait_for_everyone()
     try:
         result = _train(recipe, base, work, checkpoint, parent, parent_dir, progress,
-                        callbacks or [])
+                        callbacks or [], main=main)
     except BaseException:
-        if created and latest_checkpoint(work / "checkpoints") is None:
+        if main and created and latest_checkpoint(work / "checkpoints") is None:
             shutil.rmtree(work, ignore_errors=True)
         raise
     result.notes = [*notes, *result.notes]
-    if not recipe.keep_checkpoints:
+    state.wait_for_everyone()  # the main process has published the adapter folder
+    if main and not recipe.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def process_state() -> Any:
+    """This process's place in a distributed run (``accelerate launch``/``torchrun``), or alone.
+
+    Built the way transformers' ``TrainingArguments`` builds it (``cpu=True`` without CUDA, so
+    several CPU processes use gloo); accelerate keeps one shared state per process, so the
+    trainer later finds this same one.
+    """
+    from accelerate import PartialState
+
+    from train.quant import pick_device
+
+    return PartialState(cpu=pick_device() == "cpu")
 
 
 def _train(
@@ -252,8 +277,15 @@ def _train(
     parent_dir: Path | None,
     progress: bool,
     callbacks: list,
+    *,
+    main: bool = True,
 ) -> TrainResult:
-    """Prepare data, build the trainer, train, and publish (the body of `run`)."""
+    """Prepare data, build the trainer, train, and publish (the body of `run`).
+
+    Under several processes the main one prepares the data first (the others then read it),
+    every process trains its share of each batch, and only the main one writes the metrics,
+    the plot and the adapter folder.
+    """
     import torch
     from transformers import AutoTokenizer, set_seed
 
@@ -273,7 +305,8 @@ def _train(
 
     final = Path(recipe.output)
     tokenizer = AutoTokenizer.from_pretrained(base.path)
-    report = _prepare_data(recipe, tokenizer, work / "data")
+    with process_state().main_process_first():
+        report = _prepare_data(recipe, tokenizer, work / "data")
     _check_kind(recipe, report.kind)
     train_rows = read_split(work / "data" / "train.jsonl")
     val_rows = read_split(work / "data" / "validation.jsonl")
@@ -286,8 +319,8 @@ def _train(
     model = attach_lora(model, lora_config(recipe.r, recipe.alpha, recipe.dropout,
                                            recipe.target_modules, recipe.use_dora), parent_dir)
     metrics_path = work / METRICS_FILE
-    resumed = truncate_after(metrics_path, checkpoint[1]) if checkpoint else None
-    if not checkpoint:
+    resumed = truncate_after(metrics_path, checkpoint[1]) if checkpoint and main else None
+    if not checkpoint and main:
         metrics_path.write_text("")
     logger = MetricsLogger(metrics_path, resumed=resumed)
     optim, optim_note = resolve_optim(recipe.optim, spec.device)
@@ -302,7 +335,8 @@ def _train(
         trainer.train(resume_from_checkpoint=str(checkpoint[0]) if checkpoint else None)
         track.record.update(_tracker_ids(trainer))
     state = trainer.state
-    plot_losses(metrics_path, work / LOSS_PNG, title=f"{final.name} ({recipe.method})")
+    if main:
+        plot_losses(metrics_path, work / LOSS_PNG, title=f"{final.name} ({recipe.method})")
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
     compute = {
         "device": spec.device,
@@ -317,19 +351,21 @@ def _train(
         "estimated_flops": estimated_flops(total, tokens),
         "flops_formula": FLOPS_FORMULA,
         "torch_threads": threads,
+        "processes": process_state().num_processes,
         "resumed_from_step": checkpoint[1] if checkpoint else None,
         "best_step": _best_step(state),
     }
     compute["optimizer"] = {"asked": recipe.optim, "used": optim, "note": optim_note}
     manifest = build_manifest(recipe, base, spec, data_report=report.to_dict(), compute=compute,
                               parent=parent, extra={"tracking": track.record})
-    publish_adapter(final, model=trainer.model, base=base, manifest=manifest,
-                    metrics=metrics_path, loss_png=work / LOSS_PNG, data_dir=work / "data",
-                    overwrite=recipe.overwrite)
+    if main:
+        publish_adapter(final, model=trainer.model, base=base, manifest=manifest,
+                        metrics=metrics_path, loss_png=work / LOSS_PNG, data_dir=work / "data",
+                        overwrite=recipe.overwrite)
     return TrainResult(
         adapter_dir=final, base=base, manifest=manifest, data_dir=final / "data",
         steps=int(state.global_step), resumed_from=checkpoint[1] if checkpoint else None,
-        work_dir=work, notes=notes,
+        work_dir=work, notes=notes, main_process=main,
     )
 
 
