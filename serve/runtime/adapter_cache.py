@@ -124,13 +124,10 @@ class AdapterCache:
         return entry.pins == 0 and (entry.key not in self.protected
                                     or entry.key in self.draining)
 
-    def pick_victim(self, needed: set[str]) -> str | None:
-        """The least recently used resident adapter that no waiting request needs (or None)."""
+    def pick_victim(self) -> str | None:
+        """The least recently used resident adapter (None when none is resident)."""
         with self.lock:
-            for entry in self._resident.values():
-                if entry.key not in needed:
-                    return entry.key
-            return None
+            return next(iter(self._resident), None)
 
     # -- pins -------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ class KVCache:
         self.layers, self.rows, self.kv_heads, self.head_dim = layers, rows, kv_heads, head_dim
         self.max_len = max_len
         self.capacity = self.initial_len = max(16, min(initial_len, max_len))
+        self.peak = self.capacity  # largest capacity reached (memory high-water mark)
         shape = (layers, rows, kv_heads, self.capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -95,6 +96,7 @@ class KVCache:
             new[:, :, :, : self.capacity].copy_(old)
             setattr(self, name, new)
         self.capacity = capacity
+        self.peak = max(self.peak, capacity)
 
     def shrink_to(self, longest: int) -> None:
         """Halve capacity (down to the initial length) while ``longest`` fits in a quarter.

@@ -293,32 +293,27 @@ class Scheduler:
 
         When every slot is pinned by running sequences, the oldest request that cannot load
         would wait for as long as traffic to the resident adapters keeps them pinned. After
-        ``STARVE_S`` it picks a victim, the least recently used adapter that no older waiting
-        request needs, and new requests stop pinning it (`AdapterCache.draining`) until its
-        running sequences finish and the load takes its slot.
+        ``STARVE_S`` it picks a victim, the least recently used resident adapter, and new
+        requests stop pinning it (`AdapterCache.draining`) until its running sequences finish
+        and the load takes its slot; requests for the victim then wait their turn the same way.
         """
         with self.lock:
             wanted = [s for s in self.waiting if s.key is not None and s.load_error is None]
         self.cache.protected = frozenset(s.key for s in wanted)
         blocked: Sequence | None = None
-        needed: set[str] = set()
         for seq in wanted:
-            needed.add(seq.key)
             if seq.loading or self.cache.get(seq.key) is not None:
                 continue
             if not self.cache.is_loading(seq.key) and not self.cache.has_room():
-                if blocked is None:
-                    blocked = seq
-                    older = set(needed)
+                blocked = blocked or seq
                 continue  # every slot pinned or wanted: wait for running sequences to finish
             seq.waited_for_load = seq.loading = True
             future = self.cache.start_load(seq.request.adapter)
             future.add_done_callback(lambda f, s=seq: self._load_done(s, f))
         if blocked is None:
             self.cache.draining = frozenset()
-        elif (not self.cache.draining
-              and time.monotonic() - blocked.submitted > STARVE_S):
-            victim = self.cache.pick_victim(older)
+        elif not self.cache.draining and time.monotonic() - blocked.submitted > STARVE_S:
+            victim = self.cache.pick_victim()
             if victim is not None:
                 self.cache.draining = frozenset({victim})
 

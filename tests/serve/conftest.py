@@ -13,6 +13,23 @@ def formatter(base_info):
     return Formatter(base_info)
 
 
+@pytest.fixture(scope="session")
+def tokenizer(base_info):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_info.path)
+
+
+@pytest.fixture(scope="session")
+def prompts(tokenizer):
+    def chat(text: str) -> list[int]:
+        return list(tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+            return_dict=False))
+
+    return [chat("Name three colours of the rainbow."), chat("What is two plus two?")]
+
+
 @pytest.fixture(scope="module")
 def module_store(base_info, tmp_path_factory):
     """One store per test module (registering the base in a fresh index hashes its weights,

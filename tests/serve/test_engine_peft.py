@@ -28,23 +28,6 @@ ADAPTERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer(base_info):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(base_info.path)
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
-    def chat(text: str) -> list[int]:
-        return list(tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
-            return_dict=False))
-
-    return [chat("Name three colours of the rainbow."), chat("What is two plus two?")]
-
-
 def run(coro):
     return asyncio.run(coro)
 
