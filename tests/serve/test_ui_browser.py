@@ -201,6 +201,34 @@ def test_playground_streams_three_different_answers(server, browser):
     assert again.choices[0].message.content == answers[f"smollm2+{DEMO}"]
 
 
+def test_playground_sends_turns_and_a_json_schema(server, browser):
+    proc, _ = server
+    context, page = _signed_in(browser, server, ADMIN)
+    try:
+        page.goto(proc.url + "/ui/playground?models=smollm2")
+        sent: list[dict] = []
+        page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(
+            json.loads(r.post_data or "{}")))
+        page.fill("#system", "Answer as JSON.")
+        page.fill("#user", "Who are you?")
+        page.click("#add-turn")
+        boxes = page.locator("#turns textarea")
+        boxes.nth(1).fill('{"name": "Ann"}')
+        boxes.nth(2).fill("And now as Bob?")
+        page.select_option("#response-format", "json_schema")
+        page.fill("#max-tokens", "8")
+        page.click("#run")
+        page.wait_for_function("document.querySelector('#columns .column .state')"
+                               ".textContent.match(/done|error/)", timeout=120_000)
+        assert [m["role"] for m in sent[0]["messages"]] == ["system", "user", "assistant", "user"]
+        assert sent[0]["messages"][3]["content"] == "And now as Bob?"
+        schema = sent[0]["response_format"]
+        assert schema["type"] == "json_schema" and schema["json_schema"]["schema"]["required"] \
+            == ["name"]
+    finally:
+        context.close()
+
+
 def test_limited_key_sees_only_its_adapters(server, browser):
     proc, _ = server
     context, page = _signed_in(browser, server, SUPPORT)
