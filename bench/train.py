@@ -16,9 +16,12 @@ evaluation and no checkpoints:
   loss needs the generation-marker template that loradock derives).
 
 Printed per side: seconds per optimizer step (wall, steps 2..N, so the first step's warm-up is
-left out), CPU seconds per step (steadier when other work shares the cores) and peak RSS of the
-process (``wait4``); then loradock / plain for each. ``--threads-sweep`` also times loradock
-alone at each thread count (how `train.threads` picked its default).
+left out), tokens per second over the same steps (TRL's ``num_tokens``: input tokens, padding
+excluded, the same rows on both sides), CPU seconds per step (steadier when other work shares
+the cores) and peak RSS of the process (``wait4``); then loradock / plain for each. The issue's
+goal is loradock >= 1.25x the plain recipe's tokens/s at <= 1.0x its peak RSS.
+``--threads-sweep`` also times loradock alone at each thread count (how `train.threads` picked
+its default).
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ def _wait(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float, f
     return proc.returncode, time.monotonic() - started, usage.ru_maxrss / 1024
 
 
+def _tokens_per_step(tokens: list[tuple[int, float]]) -> float:
+    """Mean input tokens per optimizer step from cumulative (step, num_tokens), steps 2..N."""
+    marks = sorted(tokens)
+    (s0, t0), (s1, t1) = marks[0], marks[-1]
+    return (t1 - t0) / (s1 - s0) if s1 > s0 else float("nan")
+
+
 def _per_step(times: list[tuple[int, float, float]]) -> tuple[float, float]:
     """(wall s/step, CPU s/step) from (step, elapsed, cpu) marks, excluding step 1."""
     marks = sorted(times)
@@ -68,8 +78,11 @@ def run_loradock(recipe: Path, steps: int, threads: int, work: Path, env: dict) 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     marks = [(r["step"], r["elapsed_s"], r["cpu_s"]) for r in rows if "loss" in r]
     step_s, cpu_s = _per_step(marks)
-    return {"s_per_step": step_s, "cpu_s_per_step": cpu_s, "peak_rss_mib": rss,
-            "process_wall_s": wall, "data_dir": str(out / "data"), "adapter": str(out)}
+    tokens = _tokens_per_step([(r["step"], r["num_tokens"]) for r in rows
+                               if isinstance(r.get("num_tokens"), float)])
+    return {"s_per_step": step_s, "tokens_per_s": tokens / step_s, "cpu_s_per_step": cpu_s,
+            "peak_rss_mib": rss, "process_wall_s": wall, "data_dir": str(out / "data"),
+            "adapter": str(out)}
 
 
 def run_plain(recipe: Path, data_dir: Path, steps: int, threads: int, work: Path,
@@ -81,10 +94,11 @@ def run_plain(recipe: Path, data_dir: Path, steps: int, threads: int, work: Path
     code, wall, rss = _wait(cmd, env, work / "plain.log")
     if code != 0:
         raise SystemExit(f"plain recipe failed ({code}); see {work}/plain.log")
-    marks = [tuple(m) for m in json.loads(result.read_text())["marks"]]
-    step_s, cpu_s = _per_step(marks)
-    return {"s_per_step": step_s, "cpu_s_per_step": cpu_s, "peak_rss_mib": rss,
-            "process_wall_s": wall}
+    saved = json.loads(result.read_text())
+    step_s, cpu_s = _per_step([tuple(m) for m in saved["marks"]])
+    tokens = _tokens_per_step([tuple(t) for t in saved["tokens"]])
+    return {"s_per_step": step_s, "tokens_per_s": tokens / step_s, "cpu_s_per_step": cpu_s,
+            "peak_rss_mib": rss, "process_wall_s": wall}
 
 
 def plain_worker(recipe_path: Path, data_dir: Path, steps: int, threads: int,
@@ -118,10 +132,15 @@ def plain_worker(recipe_path: Path, data_dir: Path, steps: int, threads: int,
     lora = LoraConfig(r=recipe.r, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
                       target_modules=recipe.target_modules, task_type="CAUSAL_LM")
     marks: list[tuple[int, float, float]] = []
+    tokens: list[tuple[int, float]] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
             marks.append((state.global_step, time.monotonic(), time.process_time()))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003
+            if logs and "num_tokens" in logs and "loss" in logs:
+                tokens.append((state.global_step, float(logs["num_tokens"])))
 
     config = SFTConfig(
         output_dir=str(result.parent / "plain-out"), max_length=recipe.max_seq_len,
@@ -136,7 +155,7 @@ def plain_worker(recipe_path: Path, data_dir: Path, steps: int, threads: int,
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=lora, callbacks=[Clock()])
     trainer.train()
-    result.write_text(json.dumps({"marks": marks}))
+    result.write_text(json.dumps({"marks": marks, "tokens": tokens}))
 
 
 def main() -> None:
@@ -176,8 +195,10 @@ def main() -> None:
         "loradock": {k: v for k, v in ours.items() if k not in ("data_dir", "adapter")},
         "plain": plain,
         "ratio_loradock_over_plain": {
-            key: ours[key] / plain[key] for key in ("s_per_step", "cpu_s_per_step", "peak_rss_mib")
+            key: ours[key] / plain[key]
+            for key in ("s_per_step", "tokens_per_s", "cpu_s_per_step", "peak_rss_mib")
         },
+        "goal": {"tokens_per_s_ratio_at_least": 1.25, "peak_rss_ratio_at_most": 1.0},
         "threads_sweep": {str(k): {"s_per_step": v["s_per_step"],
                                    "cpu_s_per_step": v["cpu_s_per_step"]}
                           for k, v in sweep.items()},
@@ -185,13 +206,15 @@ def main() -> None:
     print(f"QLoRA SFT, {args.steps} steps, {threads} torch thread(s), recipe {args.recipe.name}; "
           f"load average {load_before:.1f} -> {figures['loadavg_1min_after']:.1f} "
           f"on {os.cpu_count()} CPUs")
-    print(f"{'':10} {'s/step':>8} {'CPU s/step':>11} {'peak RSS MiB':>13}")
+    print(f"{'':10} {'s/step':>8} {'tokens/s':>9} {'CPU s/step':>11} {'peak RSS MiB':>13}")
     for name, side in (("loradock", ours), ("plain", plain)):
-        print(f"{name:10} {side['s_per_step']:8.2f} {side['cpu_s_per_step']:11.2f} "
-              f"{side['peak_rss_mib']:13.0f}")
+        print(f"{name:10} {side['s_per_step']:8.2f} {side['tokens_per_s']:9.1f} "
+              f"{side['cpu_s_per_step']:11.2f} {side['peak_rss_mib']:13.0f}")
     ratio = figures["ratio_loradock_over_plain"]
-    print(f"{'ratio':10} {ratio['s_per_step']:8.2f} {ratio['cpu_s_per_step']:11.2f} "
-          f"{ratio['peak_rss_mib']:13.2f}   (loradock / plain; < 1 is better)")
+    print(f"{'ratio':10} {ratio['s_per_step']:8.2f} {ratio['tokens_per_s']:9.2f} "
+          f"{ratio['cpu_s_per_step']:11.2f} {ratio['peak_rss_mib']:13.2f}   (loradock / plain)")
+    met = ratio["tokens_per_s"] >= 1.25 and ratio["peak_rss_mib"] <= 1.0
+    print(f"goal (tokens/s >= 1.25x, peak RSS <= 1.0x): {'met' if met else 'NOT met'}")
     for count, side in figures["threads_sweep"].items():
         print(f"loradock with {count} thread(s): {side['s_per_step']:.2f} s/step, "
               f"{side['cpu_s_per_step']:.2f} CPU s/step")
