@@ -38,6 +38,26 @@ MAX_SCHEMA_DEPTH = 32
 _CACHE_SIZE = 256
 _COMPILER_THREADS = 2
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+# ``json_object`` on the peft engine: a JSON object of bounded size, so that a rambling model
+# must close it. With "any object" (and with JSON Schema bounds, whose maxProperties xgrammar
+# does not enforce under additionalProperties) SmolLM2 nested {"data": {"data": ..., repeated
+# keys or wrote digits until max_tokens on 16 of 20 prompts. Here: up to 6 members, keys of
+# 1-24 characters; values are scalars (strings up to 48 characters, numbers of up to 13 digits
+# and 6 decimals, true/false/null), arrays of up to 4 scalars or objects of up to 4 scalar
+# members. Send a json_schema for anything else.
+JSON_OBJECT_EBNF = r"""
+root ::= "{" (member (", " member){0,5})? "}"
+member ::= key ": " value
+key ::= "\"" char{1,24} "\""
+value ::= scalar | array | object
+object ::= "{" (inner (", " inner){0,3})? "}"
+inner ::= key ": " scalar
+array ::= "[" (scalar (", " scalar){0,3})? "]"
+scalar ::= string | number | "true" | "false" | "null"
+string ::= "\"" char{0,48} "\""
+char ::= [^"\\\x00-\x1f] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})
+number ::= "-"? ("0" | [1-9] [0-9]{0,12}) ("." [0-9]{1,6})?
+"""
 
 
 @dataclass(eq=False)
@@ -46,7 +66,8 @@ class Constraint:
 
     Attributes:
         kind: ``json_schema`` or ``json_object``.
-        schema: The JSON Schema the output must match (``{"type": "object"}`` for json_object).
+        schema: The JSON Schema the output must match (``{"type": "object"}`` for json_object,
+            which the peft engine narrows to `JSON_OBJECT_EBNF`).
         compiled: The xgrammar ``CompiledGrammar``.
         vocab_size: Columns of the model's logits the grammar knows (the mask's width).
     """
@@ -122,8 +143,8 @@ class Grammars:
 
     def json_object(self) -> Constraint:
         """Any JSON object (``response_format: {"type": "json_object"}``)."""
-        return self._compile("json_object", dict(JSON_OBJECT_SCHEMA), param="response_format",
-                             strict=False)
+        return self._compile("json_object", JSON_OBJECT_SCHEMA, param="response_format",
+                             strict=False, ebnf=JSON_OBJECT_EBNF)
 
     def json_schema(self, schema: Any, *, param: str, strict: bool = True) -> Constraint:
         """Output matching ``schema``.
@@ -141,8 +162,8 @@ class Grammars:
         check_schema(schema, param)
         return self._compile("json_schema", schema, param=param, strict=strict)
 
-    def _compile(self, kind: str, schema: dict[str, Any], *, param: str,
-                 strict: bool) -> Constraint:
+    def _compile(self, kind: str, schema: dict[str, Any], *, param: str, strict: bool,
+                 ebnf: str | None = None) -> Constraint:
         key = json.dumps([kind, strict, schema], sort_keys=True, separators=(",", ":"))
         with self._lock:
             if key in self._cache:
@@ -150,8 +171,11 @@ class Grammars:
                 return self._cache[key]
             compiler = self._get_compiler()
         try:
-            compiled = compiler.compile_json_schema(
-                json.dumps(schema), any_whitespace=False, strict_mode=strict)
+            if ebnf is not None:
+                compiled = compiler.compile_grammar(ebnf)
+            else:
+                compiled = compiler.compile_json_schema(
+                    json.dumps(schema), any_whitespace=False, strict_mode=strict)
         except (RuntimeError, ValueError, TypeError) as exc:
             detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise InvalidInput(

@@ -27,7 +27,7 @@ from serve.ui import install_api_docs, install_console
 
 log = logging.getLogger("loradock.serve")
 _ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-           "/docs", "/openapi.json")
+           "/docs", "/openapi.json", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 def route_label(path: str) -> str:
