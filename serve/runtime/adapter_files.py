@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ _KEY = re.compile(
     r"(?P<leaf>[a-z_]+))\.(?P<part>lora_A|lora_B)(?:\.[A-Za-z0-9_-]+)?\.weight$"
 )
 # adapter_config.json fields whose non-default values change the math the kernel does.
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-hash")
 _REFUSED_FIELDS = {
     "use_dora": "DoRA adapters",
     "lora_bias": "LoRA biases (lora_bias=true)",
@@ -112,10 +114,19 @@ def read_adapter(
     key = f"{record.name}@{record.version}"
     check_capabilities(record, max_rank)
     folder = Path(record.path)
-    config_bytes = _read_bytes(record, folder, ADAPTER_CONFIG_FILE, verify)
-    weights_bytes = _read_bytes(record, folder, ADAPTER_WEIGHTS_FILE, verify)
+    config_bytes = _read_bytes(record, folder, ADAPTER_CONFIG_FILE)
+    weights_bytes = _read_bytes(record, folder, ADAPTER_WEIGHTS_FILE)
+    # Hash on another thread (hashlib releases the GIL) while the tensors are converted; the
+    # result is checked before anything is returned, so a changed file is never installed.
+    files = {ADAPTER_CONFIG_FILE: config_bytes, ADAPTER_WEIGHTS_FILE: weights_bytes}
+    checks = _HASHER.submit(_verify, record, files) if verify else None
     config = _parse_config(config_bytes, key)
     tensors = load_safetensors(weights_bytes)
+    if not _all_finite(weights_bytes, tensors):
+        if checks is not None:
+            checks.result()  # a changed file is reported as such, not as bad values
+        raise InvalidInput(f"Adapter {key} has NaN or inf weights",
+                           fix="Retrain or re-export the adapter.", param="model")
     num_layers = len(layout.layers)
     pairs: dict[tuple[int, str], dict[str, Any]] = {}
     for name, tensor in tensors.items():
@@ -151,6 +162,8 @@ def read_adapter(
         a_all[part * rank:part * rank + r].copy_(a)
         bt = layout.permute_out(projection, part, (b * scaling).T)
         bts[part][:r].copy_(bt)
+    if checks is not None:
+        checks.result()
     return AdapterWeights(modules=modules, rank=rank, file_bytes=len(weights_bytes))
 
 
@@ -171,11 +184,7 @@ def _checked_pair(key: str, parts: dict[str, Any], in_f: int, out_f: int,
             fix="Use the adapter with the base it was trained on.",
             param="model",
         )
-    a32, b32 = a.to(torch.float32), b.to(torch.float32)
-    if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
-        raise InvalidInput(f"Adapter {key}: {parts['module']} has NaN or inf weights",
-                           fix="Retrain or re-export the adapter.", param="model")
-    return a32, b32
+    return a.to(torch.float32), b.to(torch.float32)
 
 
 def module_scaling(config: dict[str, Any], module: str, rank: int, key: str = "") -> float:
@@ -227,18 +236,37 @@ def _parse_config(data: bytes, key: str) -> dict[str, Any]:
     return config
 
 
-def _read_bytes(record: AdapterRecord, folder: Path, rel: str, verify: bool) -> bytes:
-    """Read one file of the adapter, checking it against its registered sha256."""
-    fix = (f"Remove it (`loradock hub rm {record.name}@{record.version}`) and register it "
-           "again.")
+def _read_bytes(record: AdapterRecord, folder: Path, rel: str) -> bytes:
+    """Read one file of the adapter."""
     try:
-        data = (folder / rel).read_bytes()
+        return (folder / rel).read_bytes()
     except OSError as exc:
         raise StoreCorrupt(f"Adapter {record.name}@{record.version}: cannot read {rel} ({exc})",
-                           fix=fix) from exc
-    if verify and record.files.get(rel) != hashlib.sha256(data).hexdigest():
-        raise StoreCorrupt(
-            f"Adapter {record.name}@{record.version}: {rel} has changed since registration",
-            fix=fix,
-        )
-    return data
+                           fix=_reregister_fix(record)) from exc
+
+
+def _reregister_fix(record: AdapterRecord) -> str:
+    return (f"Remove it (`loradock hub rm {record.name}@{record.version}`) and register it "
+            "again.")
+
+
+def _verify(record: AdapterRecord, files: dict[str, bytes]) -> None:
+    """Check each file against the sha256 recorded at registration."""
+    for rel, data in files.items():
+        if record.files.get(rel) != hashlib.sha256(data).hexdigest():
+            raise StoreCorrupt(
+                f"Adapter {record.name}@{record.version}: {rel} has changed since registration",
+                fix=_reregister_fix(record),
+            )
+
+
+def _all_finite(data: bytes, tensors: dict[str, torch.Tensor]) -> bool:
+    """No NaN or inf anywhere: one pass over the file's data block when it has one dtype."""
+    import torch
+
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point:
+        header = 8 + int.from_bytes(data[:8], "little")
+        block = torch.frombuffer(bytearray(data[header:]), dtype=next(iter(dtypes)))
+        return bool(torch.isfinite(block).all())
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
