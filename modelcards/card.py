@@ -252,7 +252,7 @@ def _context(facts: Facts, notes: Any, todo: list[str]) -> dict[str, Any]:
         "eval": facts.eval,
         "notes": notes,
         "eval_metrics": EVAL_METRICS,
-        "systems": [s for s in ("base", "few_shot", "few_shot_original", "adapter")
+        "systems": [s for s in ("base", "few_shot", "few_shot_original", "parent", "adapter")
                     if facts.eval and s in facts.eval["systems"]],
         "example_prompt": _example_prompt(facts),
     }

@@ -43,6 +43,20 @@ def test_dpo_from_a_parent_adapter(store, adapter_factory, tmp_path):
     assert ours.keys() == theirs.keys()  # only the "default" adapter, not TRL's "ref" copy
     assert any(not (ours[k] == theirs[k]).all() for k in ours)
     assert store.register(result.adapter_dir, "dpo-child").parent == f"sft-parent@{parent.version}"
+    # Evaluation compares against the parent adapter, which is the verdict's baseline.
+    from train.eval import run_eval
+
+    doc = run_eval(result.adapter_dir, result.base, result.data_dir, max_examples=3,
+                   forgetting_texts=1, out_dir=tmp_path / "eval").doc
+    assert list(doc["systems"]) == ["base", "parent", "adapter"]
+    assert doc["parent"] == f"sft-parent@{parent.version}"
+    assert doc["verdict"]["baseline"] == "parent"
+    assert "parent adapter" in doc["verdict"]["sentence"]
+    systems = doc["systems"]
+    assert systems["parent"]["preference_accuracy"] is not None
+    assert systems["parent"]["reward_accuracy"] is not None
+    # The parent really is a different model from the base: its log-likelihoods differ.
+    assert systems["parent"]["mean_margin"] != systems["base"]["mean_margin"]
 
 
 def test_method_and_data_kind_must_agree(store, tmp_path):

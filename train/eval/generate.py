@@ -31,7 +31,8 @@ from hub.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CHAT_TEMPLAT
 from hub.nf4 import dense_nf4_model, trained_4bit
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-System = Literal["base", "few_shot", "adapter"]
+System = Literal["base", "few_shot", "adapter", "parent"]
+PARENT = "parent"  # the adapter name a parent adapter is loaded under (`Loaded.add_parent`)
 Messages = list[dict[str, str]]
 
 
@@ -59,12 +60,27 @@ class Loaded:
 
     @contextlib.contextmanager
     def system(self, name: System) -> Iterator[Any]:
-        """Yield the model as system ``name``: the adapter enabled only for ``adapter``."""
+        """Yield the model as system ``name`` (``base`` and ``few_shot``: no adapter).
+
+        ``adapter`` is this adapter, ``parent`` the one it was trained from (`add_parent`).
+        """
         if name == "adapter":
             yield self.model
+        elif name == PARENT:
+            self.model.set_adapter(PARENT)
+            try:
+                yield self.model
+            finally:
+                self.model.set_adapter("default")
         else:
             with self.model.disable_adapter():
                 yield self.model
+
+    def add_parent(self, parent_dir: Path) -> None:
+        """Load the adapter this one was trained from as a second, inactive adapter."""
+        self.model.load_adapter(str(parent_dir), adapter_name=PARENT)
+        self.model.set_adapter("default")
+        self.model.eval()
 
 
 def resolve_dtype(dtype: Dtype, device: str) -> str:

@@ -64,11 +64,12 @@ METRIC_ROWS = {
 }
 SYSTEM_LABELS = {
     "base": "base",
+    "parent": "parent adapter",
     "few_shot": "few-shot base",
     "few_shot_original": "few-shot base, original weights",
     "adapter": "adapter",
 }
-SYSTEM_ORDER = ("base", "few_shot", "few_shot_original", "adapter")
+SYSTEM_ORDER = ("base", "few_shot", "few_shot_original", "parent", "adapter")
 
 
 def significance(ci: tuple[float, float] | None) -> str:
@@ -110,6 +111,7 @@ def verdict(
     base_label = {
         "few_shot": f"{shots}-shot base",
         "few_shot_original": f"{shots}-shot base on its original (unquantised) weights",
+        "parent": "parent adapter it was trained from",
     }.get(baseline, "base model")
     if rel is None:
         change = f"an absolute gain of {adapter - reference:+.3f} (the {base_label} scores 0)"
@@ -143,6 +145,7 @@ def verdict(
         "base": score.get("base"),
         "few_shot": score.get("few_shot"),
         "few_shot_original": score.get("few_shot_original"),
+        "parent": score.get("parent"),
         "relative_improvement": rel,
         "absolute_improvement": adapter - reference,
         "relative_improvement_vs_base": relative_improvement(adapter, score["base"]),

@@ -9,7 +9,9 @@ few-shot baseline, ``train.jsonl``, in canonical rows:
   all on the base weights the adapter trained on (`train.eval.generate`); for a QLoRA adapter
   also ``few_shot_original``, the few-shot base on the original full-precision weights. The
   verdict is against the stronger few-shot system.
-- Preference: ``{"prompt": [...], "chosen": [...], "rejected": [...], "line": int}``; scored by
+- Preference: ``{"prompt": [...], "chosen": [...], "rejected": [...], "line": int}``; systems
+  ``base``, ``adapter`` and, when the adapter was trained from a registered ``parent`` (DPO,
+  ORPO or KTO after SFT), ``parent``, which is then the verdict's baseline. Scored by
   log-likelihood (no generation): preference accuracy = share of rows where the model gives the
   chosen response a higher summed log-likelihood than the rejected one; reward accuracy = share
   where the adapter raises the chosen response's log-likelihood (relative to the base) more than
@@ -256,14 +258,20 @@ def run_eval(
             "few_shot_lines": [s["line"] for s in shots],
         }
     else:
-        doc.update(_eval_preference(loaded, test, say, method=doc["method"] or "dpo"))
+        parent_dir, doc["parent"] = _parent(manifest)
+        if parent_dir is not None:
+            say(f"loading the parent adapter {doc['parent']} for comparison")
+            loaded.add_parent(parent_dir)
+        doc.update(_eval_preference(loaded, test, say, method=doc["method"] or "dpo",
+                                    parent=parent_dir is not None))
         doc["data"] = {"few_shot_k": 0, "few_shot_seed": None, "few_shot_lines": []}
     doc["data"].update(
         {"dir": public_name(data_dir), "split": "test", "test_rows": len(all_test),
          "evaluated": len(test)}
     )
     doc["data"]["json_references"] = doc.pop("_json_references", 0)
-    baseline = _baseline(doc["systems"], doc["primary_metric"])
+    baseline = "parent" if "parent" in doc["systems"] else _baseline(
+        doc["systems"], doc["primary_metric"])
     doc["verdict"] = verdict(
         doc["primary_metric"],
         doc.pop("_per_example"),
@@ -280,6 +288,21 @@ def run_eval(
     json_path, report_path = write_outputs(doc, Path(out_dir or adapter_dir), adapter_dir)
     say(f"wrote {report_path.name} and {json_path.name} ({doc['wall_time_s']:.0f} s)")
     return EvalResult(doc, json_path, report_path)
+
+
+def _parent(manifest: AdapterManifest | None) -> tuple[Path | None, str | None]:
+    """The folder of the adapter this one was trained from (the hub's copy), when registered."""
+    ref = manifest.parent if manifest else None
+    if not ref:
+        return None, None
+    from hub.names import parse_adapter_ref
+    from hub.store import Store
+
+    name, version = parse_adapter_ref(ref)
+    try:
+        return Path(Store().get(name, version).path), ref
+    except NotFound:
+        return None, ref
 
 
 def _eval_device(device: str | None, manifest: AdapterManifest | None) -> tuple[str, str]:
@@ -451,7 +474,8 @@ def _eval_sft(
 
 
 def _eval_preference(
-    loaded: Loaded, test: list[dict], say: Callable[[str], None], *, method: str = "dpo"
+    loaded: Loaded, test: list[dict], say: Callable[[str], None], *, method: str = "dpo",
+    parent: bool = False,
 ) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
     chosen = [
@@ -465,7 +489,7 @@ def _eval_preference(
     say(f"log-likelihood of {len(test)} preference pairs")
     logp: dict[str, dict[str, list[float]]] = {}
     systems: dict[str, dict[str, Any]] = {}
-    for system in ("base", "adapter"):
+    for system in ("base", *(("parent",) if parent else ()), "adapter"):
         with loaded.system(system) as model:
             c = nll_sums(model, chosen, device=loaded.device)
             r = nll_sums(model, rejected, device=loaded.device)
@@ -502,6 +526,13 @@ def _eval_preference(
     ]
     systems["adapter"]["reward_accuracy"] = metrics.mean(gains)
     systems["base"]["reward_accuracy"] = None
+    if parent:  # the parent's own gain over the base, for comparison
+        systems["parent"]["reward_accuracy"] = metrics.mean([
+            float((pc - bc) > (pr - br))
+            for pc, bc, pr, br in zip(logp["parent"]["chosen"], logp["base"]["chosen"],
+                                      logp["parent"]["rejected"], logp["base"]["rejected"],
+                                      strict=True)
+        ])
     per_example = {s: systems[s].pop("_wins") for s in systems}
     order = sorted(range(len(test)), key=lambda i: (per_example["adapter"][i], i))
     return {
