@@ -9,10 +9,10 @@ Formats (``EngineConfig.base_dtype``):
 - ``fp32``, ``bf16``, ``fp16``: dense original weights.
 - ``auto``: ``nf4-dense`` on CPU, ``nf4`` on CUDA, so every device serves the base numbers that
   loradock's QLoRA adapters were trained on (served on the original fp32 weights, the demo
-  adapter's exact match drops from 0.93 to 0.73). On this CPU (2 cores, no native bf16) dense
-  layers decode faster than bitsandbytes 4-bit, which dequantises every weight on each call with
-  no fused CPU kernel; `bench/serve.py` prints the measured ratio (``nf4 / fp32``). On CUDA the
-  quantised base is the point of the product (one small base, many adapters). Adapters trained
+  adapter's exact match drops from 0.93 to 0.73). On CPU dense layers decode faster than
+  bitsandbytes 4-bit, which dequantises every weight on each call with no fused CPU kernel
+  (measured 0.42-0.73x of dense here). On CUDA the quantised base is the point of the product
+  (one small base, many adapters). Adapters trained
   on full-precision weights elsewhere may prefer ``fp32``/``bf16``.
 
 Compute dtype (activations, KV cache, fused weights, LoRA): forced by ``fp32``/``bf16``/
