@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import math
 import os
 import random
@@ -462,14 +463,11 @@ class LlamaCppEngine:
     def _decode(self, job: _Job, load_s: float) -> None:
         request, params, llm = job.request, job.request.params, self._llm
         limit = min(params.max_tokens, self._n_ctx - len(request.prompt_ids))
-        temperature = float(params.temperature)
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**32)
         llm.set_seed(int(seed) % 0xFFFFFFFF)
         stop_ids = set(params.stop_token_ids)
         want_logprobs = params.logprobs or params.top_logprobs > 0
-        tokens = llm.generate(request.prompt_ids, top_k=0, top_p=float(params.top_p),
-                              min_p=0.0, typical_p=1.0, temp=temperature, repeat_penalty=1.0,
-                              reset=True)
+        tokens = llm.generate(request.prompt_ids, reset=True, **_sampling_args(params))
         first = True
         try:
             for count, token in enumerate(tokens, 1):
@@ -528,3 +526,44 @@ class LlamaCppEngine:
             waiting=self._waiting,
             detail=self._detail,
         )
+
+
+def _sampling_args(params: Any) -> dict[str, Any]:
+    """``Llama.generate`` settings for ``params``: penalties, top-k/min-p, bias, grammar.
+
+    llama.cpp's ``repeat_penalty`` looks at the last 64 tokens (its ``penalty_last_n``), not the
+    whole prompt as the peft engine does; ``logit_bias`` goes through a logits processor; an
+    output constraint becomes a llama.cpp grammar built from its JSON Schema (json_object: the
+    library's JSON grammar).
+    """
+    from llama_cpp import LlamaGrammar, LogitsProcessorList
+
+    args: dict[str, Any] = {
+        "top_k": max(int(params.top_k), 0), "top_p": float(params.top_p),
+        "min_p": float(params.min_p), "typical_p": 1.0, "temp": float(params.temperature),
+        "repeat_penalty": float(params.repetition_penalty),
+        "frequency_penalty": float(params.frequency_penalty),
+        "presence_penalty": float(params.presence_penalty),
+    }
+    if params.logit_bias:
+        import numpy as np
+
+        ids = np.array(list(params.logit_bias), dtype=np.int64)
+        bias = np.array(list(params.logit_bias.values()), dtype=np.float32)
+
+        def add_bias(_input_ids: Any, scores: Any) -> Any:
+            scores[ids] += bias
+            return scores
+
+        args["logits_processor"] = LogitsProcessorList([add_bias])
+    constraint = params.constraint
+    if constraint is not None:
+        if constraint.kind == "json_object":
+            from llama_cpp.llama_grammar import JSON_GBNF
+
+            args["grammar"] = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        else:
+            args["grammar"] = LlamaGrammar.from_json_schema(json.dumps(constraint.schema),
+                                                            verbose=False)
+    return args
+
