@@ -493,11 +493,25 @@ class VllmEngine:
 
         params = request.params
         top = max(int(params.top_logprobs), 1) if params.logprobs or params.top_logprobs else None
+        extra: dict[str, Any] = {}
+        if params.logit_bias:
+            extra["logit_bias"] = {int(k): float(v) for k, v in params.logit_bias.items()}
+        constraint = params.constraint
+        if constraint is not None:  # vLLM's own structured outputs, from the source schema
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra["structured_outputs"] = (
+                StructuredOutputsParams(json_object=True) if constraint.kind == "json_object"
+                else StructuredOutputsParams(json=constraint.schema))
         return SamplingParams(
             max_tokens=min(params.max_tokens, self.config.max_model_len - len(request.prompt_ids)),
             temperature=float(params.temperature), top_p=float(params.top_p),
+            top_k=int(params.top_k) if int(params.top_k) > 0 else -1, min_p=float(params.min_p),
+            presence_penalty=float(params.presence_penalty),
+            frequency_penalty=float(params.frequency_penalty),
+            repetition_penalty=float(params.repetition_penalty),
             seed=params.seed, stop_token_ids=list(params.stop_token_ids), ignore_eos=True,
-            logprobs=top, detokenize=False, skip_special_tokens=False,
+            logprobs=top, detokenize=False, skip_special_tokens=False, **extra,
         )
 
     async def _stream(self, request: GenerationRequest,
