@@ -15,7 +15,9 @@ adapters on every linear layer (all-linear) and 8 on q/k/v/o. Prints:
   step time, both timed here, interleaved;
 - time to first token of a cold adapter (not resident; the first one after start, and a later
   one) minus a warm one's, and the adapter load time;
-- resident memory per adapter: RSS growth per loaded adapter over its file size.
+- resident memory per adapter: RSS growth per loaded adapter over its file size;
+- the throughput cost of JSON-constrained rows in a mixed batch (`constrained_cost`; goal
+  <= 15 %); ``--constrained-only`` measures just that (~1-2 min).
 """
 
 from __future__ import annotations
@@ -180,6 +182,46 @@ async def bench(args, base, prompts, sets: dict, results: dict) -> None:
         await engine.shutdown(drain_timeout_s=5)
 
 
+async def constrained_cost(args, base, prompts, records) -> dict[str, float]:
+    """Tokens/s of a batch with half its rows JSON-constrained, against the same batch free.
+
+    Same prompts, adapters (round-robin) and ``--max-tokens`` greedy tokens per row in both
+    workloads; the constrained rows follow an array of at least ``max_tokens`` integers, so
+    they never finish early and every step pays xgrammar's bitmask and the masking.
+    """
+    from serve.chat import Formatter
+    from serve.engine import EngineConfig, create_engine
+
+    schema = {"type": "array", "minItems": args.max_tokens,
+              "items": {"type": "integer", "minimum": 0, "maximum": 99}}
+    constraint = Formatter(base).grammars.json_schema(schema, param="bench")
+    engine = create_engine("peft", EngineConfig(
+        base=base, base_dtype=args.base_dtype, max_running=max(32, len(prompts)),
+        max_adapters=8, max_model_len=1024, threads=args.threads))
+    await engine.start()
+    try:
+        await throughput(engine, requests(prompts[:4], records, 4, "warm-constrained"))
+        runs: dict[str, list[float]] = {"free": [], "mixed": []}
+        for _ in range(max(2, args.repeats)):
+            for label in runs:
+                reqs = requests(prompts, records, args.max_tokens, f"c-{label}")
+                if label == "mixed":
+                    for req in reqs[::2]:
+                        req.params.constraint = constraint
+                runs[label].append(await throughput(engine, reqs))
+    finally:
+        await engine.shutdown(drain_timeout_s=5)
+    free, mixed = max(runs["free"]), max(runs["mixed"])
+    return {"free_tok_s": free, "mixed_tok_s": mixed, "cost": 1 - mixed / free,
+            "constrained_rows": len(prompts[::2]), "rows": len(prompts)}
+
+
+def report_constrained(c: dict[str, float], args) -> None:
+    print(f"constrained rows: {c['constrained_rows']} of {c['rows']} JSON-constrained: "
+          f"{c['mixed_tok_s']:.1f} tok/s vs {c['free_tok_s']:.1f} all free -> cost "
+          f"{c['cost'] * 100:.1f} % (goal <= 15 %)")
+
+
 def report(results: dict, args) -> None:
     t = results["tok_s"]
     print(f"\n== peft engine, {args.requests} requests x {args.max_tokens} tokens, rank "
@@ -213,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-dtype", default="auto")
     parser.add_argument("--quick", action="store_true", help="8 requests x 16 tokens, 1 repeat")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--constrained-only", action="store_true",
+                        help="measure only the cost of JSON-constrained rows in a mixed batch")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.max_tokens, args.repeats = 8, 16, 1
@@ -241,8 +285,11 @@ def main(argv: list[str] | None = None) -> None:
                        for i in range(8)]
     del base_model
     results: dict = {"args": vars(args) | {"json": str(args.json)}}
-    asyncio.run(bench(args, base, prompts, sets, results))
-    report(results, args)
+    if not args.constrained_only:
+        asyncio.run(bench(args, base, prompts, sets, results))
+        report(results, args)
+    results["constrained"] = asyncio.run(constrained_cost(args, base, prompts, sets["qkvo"]))
+    report_constrained(results["constrained"], args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
 
