@@ -51,7 +51,7 @@ from hub.errors import (
     RemoteError,
     UnsafeWeights,
 )
-from hub.files import is_pickle_name, sha256_file
+from hub.files import TMP_PREFIX, is_pickle_name, sha256_file
 from hub.manifest import CARD_FILE
 from hub.names import validate_name
 from hub.store import AdapterRecord, Store, skipped_on_copy
@@ -201,7 +201,8 @@ def digests_document(record: AdapterRecord) -> dict[str, Any]:
 @contextmanager
 def _staged(store: Store, record: AdapterRecord) -> Iterator[Path]:
     """The folder to upload: the version's files (hard links) plus the digests file."""
-    stage = store.home / f".push-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # A hidden .tmp-PID-* folder: the store removes it if this process dies (`verify`).
+    stage = store.adapters_dir / f"{TMP_PREFIX}{os.getpid()}-push-{uuid.uuid4().hex[:8]}"
     try:
         for rel in record.files:
             target = stage / rel
@@ -407,7 +408,8 @@ def pull(
         raise InvalidName(f"Invalid revision {asked!r}", fix="Use a tag, branch or commit.")
     adapter_name = validate_name(name or repo_id.split("/", 1)[1].lower())
     api = _api()
-    staging = Path(tempfile.mkdtemp(prefix=".pull-", dir=store.home))
+    staging = store.adapters_dir / f"{TMP_PREFIX}{os.getpid()}-pull-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
     try:
         try:
             revision, commit = _resolve_commit(api, repo_id, asked or None)

@@ -70,6 +70,7 @@ def test_a_missing_adapter_is_pulled_once_keeping_the_hub_version(published, tmp
 
 def test_concurrent_first_requests_trigger_one_download(published, tmp_path, hub):
     cache = replica(tmp_path)
+    cache.base("smollm2")  # as a server does at start (fingerprinting the base takes seconds)
     results, errors = [], []
 
     def ask():
