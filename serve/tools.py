@@ -87,8 +87,9 @@ def may_start_call(text: str, fmt: ToolFormat) -> int:
     """
     if fmt == "json":
         stripped = text.lstrip()
-        return len(text) - len(stripped) if stripped.startswith(("{", "[")) or not stripped \
-            else len(text)
+        if not stripped:  # only whitespace so far: a call may still follow
+            return 0
+        return len(text) - len(stripped) if stripped.startswith(("{", "[")) else len(text)
     marker = _MARKERS[fmt]
     found = text.find(marker)
     if found >= 0:
