@@ -221,9 +221,7 @@ def run_eval(
     manifest = AdapterManifest.read(adapter_dir)
     quantization = dict(manifest.quantization) if manifest else {}
     device, device_note = _eval_device(device, manifest)
-    if seed is None:
-        recorded_seed = manifest.hyperparameters.get("seed") if manifest else None
-        seed = int(recorded_seed) if isinstance(recorded_seed, int) else 0
+    seed = _recorded_seed(manifest) if seed is None else seed
     say(f"loading {base.name} and {adapter_dir}")
     loaded = load(adapter_dir, base, device=device, dtype=dtype, quantization=quantization)
     doc: dict[str, Any] = {
@@ -303,6 +301,12 @@ def _parent(manifest: AdapterManifest | None) -> tuple[Path | None, str | None]:
         return Path(Store().get(name, version).path), ref
     except NotFound:
         return None, ref
+
+
+def _recorded_seed(manifest: AdapterManifest | None) -> int:
+    """The recipe's ``seed`` (the few-shot choice reuses it), else 0."""
+    value = manifest.hyperparameters.get("seed") if manifest else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _eval_device(device: str | None, manifest: AdapterManifest | None) -> tuple[str, str]:
