@@ -71,10 +71,32 @@ class Tracking:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+# The package each tracker's transformers integration needs (any one of them), and its install.
+TRACKER_PACKAGES = {
+    "tensorboard": (("tensorboardX", "tensorboard"), "pip install tensorboardX"),
+    "mlflow": (("mlflow",), "pip install mlflow-skinny"),
+    "wandb": (("wandb",), "pip install wandb"),
+}
+
+
 def tracking(report_to: str, output: Path) -> Tracking:
-    """The tracker settings for a run whose adapter folder is ``output``."""
+    """The tracker settings for a run whose adapter folder is ``output``.
+
+    Raises:
+        InvalidInput: The tracker's package is not installed (before any model is loaded).
+    """
     if report_to == "none":
         return Tracking("none", record={"report_to": "none"})
+    import importlib.util
+
+    packages, install = TRACKER_PACKAGES[report_to]
+    if not any(importlib.util.find_spec(name) for name in packages):
+        from hub.errors import InvalidInput
+
+        raise InvalidInput(
+            f"report_to: {report_to!r} needs the {packages[0]} package, which is not installed",
+            fix=f"Run `{install}`, or set report_to: none.", param="report_to",
+        )
     output = Path(output)
     folder = output.parent / f"{output.name}{TRACKING_SUFFIX}" / report_to
     relative = f"{output.name}{TRACKING_SUFFIX}/{report_to}"

@@ -311,6 +311,7 @@ def _train(
     train_rows = read_split(work / "data" / "train.jsonl")
     val_rows = read_split(work / "data" / "validation.jsonl")
 
+    track = tracking(recipe.report_to, final)  # fails now if the tracker is not installed
     threads = apply_threads(recipe.threads)
     spec = QuantSpec.for_device(pick_device())
     set_seed(recipe.seed)
@@ -325,7 +326,6 @@ def _train(
     logger = MetricsLogger(metrics_path, resumed=resumed)
     optim, optim_note = resolve_optim(recipe.optim, spec.device)
     notes = [optim_note] if optim_note else []
-    track = tracking(recipe.report_to, final)
     with tracking_env(track):
         trainer = _builder(recipe.method)(
             recipe, model, tokenizer, train_rows, val_rows, spec=spec,

@@ -93,3 +93,14 @@ def test_recipe_accepts(pref: Path, method: str) -> None:
                            "optim": "paged_adamw_8bit", "report_to": "mlflow",
                            "use_dora": True, **extra})
     assert recipe.method == method and recipe.optim == "paged_adamw_8bit"
+
+
+def test_a_missing_tracker_package_is_named_with_the_fix(tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(InvalidInput) as info:
+        tracking("wandb", tmp_path / "out")
+    assert info.value.param == "report_to" and "pip install wandb" in info.value.fix
