@@ -34,8 +34,12 @@ def test_resolve_optim(optim: str, device: str, used: str, noted: bool) -> None:
 
 
 def test_tracking_locations_are_relative_and_env_is_restored(tmp_path: Path, monkeypatch):
+    import train.args
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    # wandb is not installed here; its settings are what is tested (json stands in for it).
+    monkeypatch.setitem(train.args.TRACKER_PACKAGES, "wandb", (("json",), "pip install wandb"))
     out = tmp_path / "runs" / "demo"
     assert tracking("none", out).record == {"report_to": "none"}
     tb = tracking("tensorboard", out)
