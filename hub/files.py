@@ -19,8 +19,9 @@ import struct
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from hub.errors import InvalidInput, UnsafeWeights
+from hub.errors import DigestMismatch, InvalidInput, UnsafeWeights
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 TMP_PREFIX = ".tmp-"
@@ -277,3 +278,51 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
                     path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """True if process ``pid`` runs (this process included; unknown owners count as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_read_only(folder: Path) -> None:
+    """Make every file under ``folder`` read-only (0444)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+
+
+def rmtree_read_only(folder: Path) -> None:
+    """Remove a tree whose files and folders may be read-only."""
+    def _onerror(func: Any, path: str, _exc: Any) -> None:
+        os.chmod(path, stat.S_IRWXU)
+        func(path)
+
+    if folder.exists():
+        for path in [folder, *folder.rglob("*")]:
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(stat.S_IRWXU)
+        shutil.rmtree(folder, onerror=_onerror)
+
+
+def digest_mismatch(shown: str, files: dict[str, str], expect: dict[str, str]) -> DigestMismatch:
+    """The error for files whose digests differ from those they were published with."""
+    changed = sorted(k for k in files.keys() & expect.keys() if files[k] != expect[k])
+    missing = sorted(expect.keys() - files.keys())
+    extra = sorted(files.keys() - expect.keys())
+    parts = [f"changed: {', '.join(changed)}"] if changed else []
+    parts += [f"missing: {', '.join(missing)}"] if missing else []
+    parts += [f"unexpected: {', '.join(extra)}"] if extra else []
+    return DigestMismatch(
+        f"The files of {shown} do not match the digests they were published with "
+        f"({'; '.join(parts)})",
+        fix="Do not use this copy; ask the publisher to push the version again.",
+    )

@@ -1,5 +1,7 @@
 """The store's records: one adapter version, a resolved model string, a verify report.
 
+Also `AdapterSource`, the interface of a remote a store pulls missing adapters from.
+
 Plain data shared by `hub.store` (which builds them from its index) and every reader (serve,
 export, the CLI, `hub.remote`). ``hub.store`` re-exports them.
 
@@ -10,11 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hub.bases import BaseInfo
 from hub.files import fingerprint
 from hub.manifest import AdapterManifest, Capabilities
+
+if TYPE_CHECKING:
+    from hub.store import Store
 
 
 @dataclass
@@ -99,3 +104,17 @@ class VerifyReport:
     def ok(self) -> bool:
         """True when every recorded file is present and unchanged."""
         return not self.corrupt
+
+
+class AdapterSource(Protocol):
+    """Where a store pulls adapters it does not hold (`hub.replica.HfRemote`)."""
+
+    spec: str
+
+    def fetch(self, store: Store, name: str, version: int | None) -> AdapterRecord:
+        """Pull ``name@version`` (latest when None) into ``store`` and return its record.
+
+        Raises:
+            NotFound: The remote has no such adapter or version.
+        """
+        ...

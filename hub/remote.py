@@ -12,9 +12,7 @@ hidden or ``checkpoint-*`` entry, known suffixes), checks each against its diges
 the folder through `Store.register` with those digests as the expected content, so the store's
 own copy is verified again. The record's source is ``hf://ORG/NAME@COMMIT``.
 
-`HfRemote` (``hf`` or ``hf:ORG``, see `open_remote`) is what ``Store(remote=...)`` calls for an
-adapter it does not hold: repo ``ORG/NAME``, tag ``vN`` (newest when no version is asked),
-registered under the same name and version. `hub.store` makes that happen once per name.
+`hub.replica.HfRemote` builds on `pull` for ``Store(remote="hf:ORG")``: lazy pulls for replicas.
 
 The endpoint comes from ``HF_ENDPOINT`` (huggingface_hub's own variable) and the token from
 ``HF_TOKEN``. The token is handed to huggingface_hub and never printed, logged or put in an error
@@ -104,7 +102,8 @@ def card_is_draft(readme: Path) -> bool:
     return bool(draft_reasons(readme))
 
 
-def _api():  # noqa: ANN202 - huggingface_hub is imported lazily
+def hub_api():  # noqa: ANN202 - huggingface_hub is imported lazily
+    """An ``HfApi`` on ``HF_ENDPOINT`` with ``HF_TOKEN`` (progress bars off)."""
     from huggingface_hub import HfApi
     from huggingface_hub.utils import disable_progress_bars
 
@@ -118,7 +117,8 @@ def _status(exc: Exception) -> int | None:
     return getattr(getattr(exc, "response", None), "status_code", None)
 
 
-def _remote_error(action: str, repo_id: str, exc: Exception) -> RemoteError:
+def remote_error(action: str, repo_id: str, exc: Exception) -> RemoteError:
+    """`RemoteError` for a failed Hub call: the status and the Hub's message, never the token."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     if isinstance(exc, OfflineModeIsEnabled):
@@ -135,7 +135,8 @@ def _remote_error(action: str, repo_id: str, exc: Exception) -> RemoteError:
     )
 
 
-def _missing(exc: Exception) -> bool:
+def is_missing(exc: Exception) -> bool:
+    """True for huggingface_hub's "no such repo, revision or file" errors."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         RepositoryNotFoundError,
@@ -242,7 +243,7 @@ def push(
     validate_repo_id(repo_id)
     store.check(record)
     _check_publishable(store, record, allow_draft)
-    api = _api()
+    api = hub_api()
     tag = f"v{record.version}"
     try:
         from huggingface_hub.errors import RepositoryNotFoundError
@@ -285,7 +286,7 @@ def push(
     except LoradockError:
         raise
     except Exception as exc:  # huggingface_hub raises many HTTP error types
-        raise _remote_error("push to", repo_id, exc) from exc
+        raise remote_error("push to", repo_id, exc) from exc
     return PushResult(repo_id, commit.oid, tag, sorted(record.files), str(commit.commit_url),
                       moved_from=old)
 
@@ -295,7 +296,8 @@ def _tag_target(api: Any, repo_id: str, tag: str) -> str | None:
     return next((t.target_commit for t in refs.tags if t.name == tag), None)
 
 
-def _version_tags(api: Any, repo_id: str) -> dict[int, str]:
+def version_tags(api: Any, repo_id: str) -> dict[int, str]:
+    """``{N: commit sha}`` for every ``vN`` tag of ``repo_id``."""
     refs = api.list_repo_refs(repo_id, repo_type="model")
     found = {}
     for ref in refs.tags:
@@ -331,7 +333,7 @@ def _read_digests(api: Any, repo_id: str, commit: str) -> dict[str, Any] | None:
             path = api.hf_hub_download(repo_id, DIGESTS_FILE, revision=commit, local_dir=tmp,
                                        repo_type="model")
         except Exception as exc:
-            if _missing(exc):
+            if is_missing(exc):
                 return None
             raise
         try:
@@ -366,7 +368,7 @@ def check_pull_name(rel: str, repo_id: str) -> None:
 def _resolve_commit(api: Any, repo_id: str, revision: str | None) -> tuple[str, str]:
     """``(revision shown, commit sha)``; default revision: the newest ``vN`` tag, else main."""
     if revision is None:
-        tags = _version_tags(api, repo_id)
+        tags = version_tags(api, repo_id)
         if tags:
             newest = max(tags)
             return f"v{newest}", tags[newest]
@@ -407,7 +409,7 @@ def pull(
     if asked and (not _REV_RE.fullmatch(asked) or ".." in asked):
         raise InvalidName(f"Invalid revision {asked!r}", fix="Use a tag, branch or commit.")
     adapter_name = validate_name(name or repo_id.split("/", 1)[1].lower())
-    api = _api()
+    api = hub_api()
     staging = store.adapters_dir / f"{TMP_PREFIX}{os.getpid()}-pull-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
@@ -430,10 +432,10 @@ def pull(
             raise
         except Exception as exc:
             shown = f"{repo_id}@{asked or 'newest version'}"
-            if _missing(exc):
+            if is_missing(exc):
                 raise NotFound(f"{shown} is not on the Hub",
                                fix="Check the repo id and the version tag.") from None
-            raise _remote_error("pull", shown, exc) from exc
+            raise remote_error("pull", shown, exc) from exc
         shutil.rmtree(local / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping
         expect = None
         if digests is not None:
@@ -451,76 +453,3 @@ def pull(
                               version=version, expect=expect)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-# -- lazy pulls for replicas --------------------------------------------------------------
-
-
-class HfRemote:
-    """Adapters on the Hugging Face Hub as ``ORG/NAME`` tagged ``vN`` (what `push` writes).
-
-    Args:
-        org: The Hub namespace; empty: the token's own user (``whoami``), looked up once.
-    """
-
-    kind = "hf"
-
-    def __init__(self, org: str = "") -> None:
-        if org and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", org):
-            raise InvalidName(f"Invalid Hub namespace {org!r} in --remote",
-                              fix="Write it as hf:ORG with letters, digits, '.', '_' or '-'.",
-                              param="remote")
-        self.org = org
-        self.spec = f"hf:{org}" if org else "hf"
-
-    def _namespace(self) -> str:
-        if not self.org:
-            try:
-                self.org = str(_api().whoami()["name"])
-            except Exception as exc:
-                raise _remote_error("look up the user of HF_TOKEN on", "the Hub", exc) from exc
-        return self.org
-
-    def fetch(self, store: Store, name: str, version: int | None) -> AdapterRecord:
-        """Pull ``ORG/name`` at tag ``v<version>`` (newest ``vN`` when None) as ``name@N``.
-
-        Raises:
-            NotFound: No such repo or version tag on the Hub.
-            RemoteError, DigestMismatch: see `pull`.
-        """
-        validate_name(name)
-        repo_id = f"{self._namespace()}/{name}"
-        if version is None:
-            try:
-                tags = _version_tags(_api(), repo_id)
-            except Exception as exc:
-                if _missing(exc):
-                    raise NotFound(f"Adapter {name!r} is neither registered nor on the Hub "
-                                   f"({repo_id})", fix="Push it with `loradock hub push`.",
-                                   param="model") from None
-                raise _remote_error("list the versions of", repo_id, exc) from exc
-            if not tags:
-                raise NotFound(f"{repo_id} has no vN tag", fix="Push it with `loradock hub "
-                               "push`.", param="model")
-            version = max(tags)
-        try:
-            return pull(store, f"{repo_id}@v{version}", name=name, version=version)
-        except Conflict:  # another process sharing this store registered it meanwhile
-            return store.get(name, version)
-        except NotFound as exc:
-            raise NotFound(exc.message, fix=exc.fix, param="model") from None
-
-
-REMOTES: dict[str, type[HfRemote]] = {"hf": HfRemote}
-
-
-def open_remote(spec: str) -> HfRemote:
-    """Build the remote ``spec`` names: ``hf`` (the token's user) or ``hf:ORG``.
-
-    Raises:
-        InvalidInput: An unknown kind of remote.
-    """
-    kind, _, arg = spec.partition(":")
-    if kind not in REMOTES:
-        raise InvalidInput(f"Unknown remote {spec!r}", fix="Use hf or hf:ORG.", param="remote")
-    return REMOTES[kind](arg)

@@ -18,8 +18,8 @@ removes. Two processes registering the same name are serialised by SQLite's writ
 distinct versions.
 
 With a remote (``Store(remote="hf:ORG")``), `get` and `resolve` pull an adapter that is not in
-the store from the remote on first use, pinned and verified (`hub.remote`), once per name even
-when many threads or processes ask at once.
+the store from the remote on first use, pinned and verified (`hub.replica`, `hub.remote`), once
+per name even when many threads or processes ask at once.
 
 Where the job ends: the store registers, lists, resolves, verifies and removes. Talking to remote
 hubs is `hub.remote`; checking adapters against bases is `hub.inspect`.
@@ -32,14 +32,12 @@ import datetime as _dt
 import fcntl
 import json
 import os
-import shutil
 import sqlite3
-import stat
 import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from hub.bases import (
     EMBEDDED_BASE,
@@ -49,19 +47,23 @@ from hub.bases import (
     embedded_extra,
     embedded_gguf_path,
 )
-from hub.errors import Conflict, DigestMismatch, InvalidInput, NotAnAdapter, NotFound, StoreCorrupt
+from hub.errors import Conflict, InvalidInput, NotAnAdapter, NotFound, StoreCorrupt
 from hub.files import (
     TMP_PREFIX,
     copy_regular_tree,
+    digest_mismatch,
     fsync_dir,
     fsync_tree,
     hash_tree,
+    make_read_only,
+    pid_alive,
+    rmtree_read_only,
     sha256_file,
 )
 from hub.inspect import inspect_adapter
 from hub.manifest import ADAPTER_CONFIG_FILE, AdapterManifest, Capabilities
 from hub.names import ModelRef, parse_adapter_ref, validate_name
-from hub.records import AdapterRecord, Resolved, VerifyReport
+from hub.records import AdapterRecord, AdapterSource, Resolved, VerifyReport
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bases (
@@ -96,20 +98,6 @@ def skipped_on_copy(name: str) -> bool:
     return name.startswith(_SKIP_ON_COPY)
 
 
-class AdapterSource(Protocol):
-    """Where a store pulls adapters it does not hold (`hub.remote.HfRemote`)."""
-
-    spec: str
-
-    def fetch(self, store: Store, name: str, version: int | None) -> AdapterRecord:
-        """Pull ``name@version`` (latest when None) into ``store`` and return its record.
-
-        Raises:
-            NotFound: The remote has no such adapter or version.
-        """
-        ...
-
-
 def default_home() -> Path:
     """Return the store root: ``$LORADOCK_HOME`` or ``~/.loradock``."""
     return Path(os.environ.get("LORADOCK_HOME") or Path.home() / ".loradock").expanduser()
@@ -130,11 +118,11 @@ class Store:
             home: Store root (default `default_home`).
             cache: Converted-base cache (default ``$LORADOCK_CACHE`` or ``home/cache``).
             remote: Pull adapters missing here from this remote on first use: ``hf`` or
-                ``hf:ORG`` (see `hub.remote.open_remote`), or an `AdapterSource`.
+                ``hf:ORG`` (see `hub.replica.open_remote`), or an `AdapterSource`.
         """
         self.home = Path(home) if home else default_home()
         if isinstance(remote, str):
-            from hub.remote import open_remote
+            from hub.replica import open_remote
 
             remote = open_remote(remote)
         self.remote: AdapterSource | None = remote
@@ -291,16 +279,16 @@ class Store:
                 parent = manifest.parent
             files = hash_tree(tmp)
             if expect is not None and files != expect:
-                raise _digest_mismatch(src, files, expect)
+                raise digest_mismatch(src.name, files, expect)
             if self._normalise_config(tmp, base_info):
                 files[ADAPTER_CONFIG_FILE] = sha256_file(tmp / ADAPTER_CONFIG_FILE)
-            _make_read_only(tmp)
+            make_read_only(tmp)
             fsync_tree(tmp)
             with self._write() as db:
                 version = self._take_version(db, name, version)
                 final = self.adapters_dir / name / f"v{version}"
                 if final.exists():  # unindexed leftover of a writer killed after its rename
-                    _rmtree(final)
+                    rmtree_read_only(final)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp.rename(final)
                 fsync_dir(final.parent)
@@ -334,7 +322,7 @@ class Store:
                 )
         finally:
             if tmp.exists():
-                _rmtree(tmp)
+                rmtree_read_only(tmp)
         return record
 
     @staticmethod
@@ -492,7 +480,7 @@ class Store:
         trash = self.adapters_dir / f"{TMP_PREFIX}{os.getpid()}-rm-{uuid.uuid4().hex[:8]}"
         if record.path.exists():
             record.path.rename(trash)
-            _rmtree(trash)
+            rmtree_read_only(trash)
         return record
 
     def verify(self) -> VerifyReport:
@@ -529,7 +517,7 @@ class Store:
                     continue
                 for version_dir in name_dir.iterdir():
                     if version_dir not in indexed:
-                        _rmtree(version_dir)
+                        rmtree_read_only(version_dir)
                         report.leftovers_removed.append(str(version_dir))
         return report
 
@@ -588,56 +576,11 @@ class Store:
         removed = []
         for path in self.adapters_dir.glob(f"{TMP_PREFIX}*"):
             pid_text = path.name[len(TMP_PREFIX):].split("-", 1)[0]
-            if pid_text.isdigit() and _pid_alive(int(pid_text)):
+            if pid_text.isdigit() and pid_alive(int(pid_text)):
                 continue
-            _rmtree(path)
+            rmtree_read_only(path)
             removed.append(path)
         return removed
-
-
-def _digest_mismatch(src: Path, files: dict[str, str], expect: dict[str, str]) -> DigestMismatch:
-    changed = sorted(k for k in files.keys() & expect.keys() if files[k] != expect[k])
-    missing = sorted(expect.keys() - files.keys())
-    extra = sorted(files.keys() - expect.keys())
-    parts = [f"changed: {', '.join(changed)}"] if changed else []
-    parts += [f"missing: {', '.join(missing)}"] if missing else []
-    parts += [f"unexpected: {', '.join(extra)}"] if extra else []
-    return DigestMismatch(
-        f"The files of {src.name} do not match the digests they were published with "
-        f"({'; '.join(parts)})",
-        fix="Do not use this copy; ask the publisher to push the version again.",
-    )
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _make_read_only(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-
-
-def _rmtree(folder: Path) -> None:
-    """Remove a tree whose files and folders may be read-only."""
-    def _onerror(func: Any, path: str, _exc: Any) -> None:
-        os.chmod(path, stat.S_IRWXU)
-        func(path)
-
-    if folder.exists():
-        for path in [folder, *folder.rglob("*")]:
-            if path.is_dir() and not path.is_symlink():
-                path.chmod(stat.S_IRWXU)
-        shutil.rmtree(folder, onerror=_onerror)
 
 
 __all__ = [
