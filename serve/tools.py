@@ -14,8 +14,8 @@ is parsed per the format the template teaches, recognised from the template text
 ``tool_choice: "required"`` and a named function are not left to the model's format: as vLLM
 does, the output is constrained (`serve.grammar`) to JSON that can only be valid calls — for a
 named function its ``parameters`` schema (the text *is* the arguments), for ``required`` an array
-of ``{"name", "arguments"}`` objects, one ``anyOf`` branch per tool (at most one item when
-``parallel_tool_calls`` is false).
+of ``{"name", "arguments"}`` objects, one ``anyOf`` branch per tool, at most as many items as
+tools (one when ``parallel_tool_calls`` is false).
 
 Where the job ends: strings and schemas. Request shapes are `serve.http.structured`'s, SSE
 deltas `serve.http.chat`'s.
@@ -183,11 +183,10 @@ def required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, An
         "required": ["name", "arguments"],
         "additionalProperties": False,
     } for t in tools]
-    schema: dict[str, Any] = {"type": "array", "minItems": 1,
-                              "items": branches[0] if len(branches) == 1 else {"anyOf": branches}}
-    if not parallel:
-        schema["maxItems"] = 1
-    return schema
+    # At most one call per tool (a small model otherwise repeats the same call until
+    # max_tokens); one call in all when parallel calls are off.
+    return {"type": "array", "minItems": 1, "maxItems": len(tools) if parallel else 1,
+            "items": branches[0] if len(branches) == 1 else {"anyOf": branches}}
 
 
 def forced_calls(text: str, named: str | None) -> list[ToolCall]:

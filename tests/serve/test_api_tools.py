@@ -103,6 +103,7 @@ def test_forced_calls_and_required_schema():
     tools = [{"type": "function", "function": {"name": "w", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}},
         {"type": "function", "function": {"name": "t"}}]
+    assert required_schema(tools, parallel=True)["maxItems"] == 2
     schema = required_schema(tools, parallel=False)
     assert schema["maxItems"] == 1 and len(schema["items"]["anyOf"]) == 2
     assert schema["items"]["anyOf"][1]["properties"]["arguments"] == {"type": "object",
