@@ -218,7 +218,28 @@ async def constrained_cost(args, base, prompts, records) -> dict[str, float]:
     cpu_free, cpu_mixed = min(cpu["free"]), min(cpu["mixed"])  # same tokens in both
     return {"free_tok_s": free, "mixed_tok_s": mixed, "cost": 1 - mixed / free,
             "cpu_cost": 1 - cpu_free / cpu_mixed,
-            "constrained_rows": len(prompts[::2]), "rows": len(prompts)}
+            "constrained_rows": len(prompts[::2]), "rows": len(prompts),
+            **_sampler_ms(constraint, len(prompts))}
+
+
+def _sampler_ms(constraint, rows: int, steps: int = 64) -> dict[str, float]:
+    """`serve.runtime.sampling.sample` alone per step: all rows free vs every other one masked."""
+    import torch
+
+    from serve.engine import SamplingParams
+    from serve.runtime.sampling import new_row, sample
+
+    logits = torch.randn(rows, constraint.vocab_size)
+    out = {}
+    for label, every in (("sampler_free_ms", 0), ("sampler_mixed_ms", 2)):
+        states = [new_row(SamplingParams(temperature=0.0, constraint=constraint
+                                         if every and i % every == 0 else None), [1])
+                  for i in range(rows)]
+        started = time.perf_counter()
+        for _ in range(steps):
+            sample(logits, states)
+        out[label] = (time.perf_counter() - started) / steps * 1e3
+    return out
 
 
 def report_constrained(c: dict[str, float], args) -> None:
@@ -226,6 +247,8 @@ def report_constrained(c: dict[str, float], args) -> None:
           f"{c['mixed_tok_s']:.1f} tok/s vs {c['free_tok_s']:.1f} all free -> cost "
           f"{c['cost'] * 100:.1f} % in wall time, {c['cpu_cost'] * 100:.1f} % in CPU time "
           "(goal <= 15 %)")
+    print(f"sampler per step, {c['rows']} rows: {c['sampler_free_ms']:.1f} ms free, "
+          f"{c['sampler_mixed_ms']:.1f} ms with {c['constrained_rows']} masked")
 
 
 def report(results: dict, args) -> None:
