@@ -47,6 +47,7 @@ class BaseInfo:
         path: Local HF folder.
         fingerprint: sha256 over config, tokenizer files and weights.
         hf_id: Hugging Face repo id it came from, when known (used as an alias).
+        revision: The Hub commit sha it was downloaded at (``""`` for a local folder).
         architecture: ``config.architectures[0]``.
         model_type: ``config.model_type`` (``llama``).
         num_parameters: Parameter count from the weight shapes.
@@ -62,6 +63,7 @@ class BaseInfo:
     path: str
     fingerprint: str
     hf_id: str = ""
+    revision: str = ""
     architecture: str = ""
     model_type: str = ""
     num_parameters: int = 0

@@ -142,23 +142,67 @@ def verify(as_json: JsonOpt = False) -> None:
         raise typer.Exit(4)
 
 
+def _peft_engine_rule(config: dict) -> None:
+    """The peft engine's family rule (serve's, called from the composition root)."""
+    from serve.runtime.families import family_for
+
+    family_for(config)
+
+
 @app.command("add-base")
 def add_base(
-    name: Annotated[str, typer.Argument(help="Name for the base, e.g. qwen2-0.5b.")],
-    path: Annotated[Path, typer.Argument(help="Local Hugging Face model folder (safetensors).")],
-    hf_id: Annotated[str, typer.Option("--hf-id", help="Hub id it came from (alias).")] = "",
+    name: Annotated[str, typer.Argument(help="Name for the base, e.g. qwen2.5-1.5b.")],
+    source: Annotated[str, typer.Argument(
+        help="Local HF model folder (safetensors), or a Hub id ORG/NAME[@REVISION].")],
+    hf_id: Annotated[str, typer.Option("--hf-id", help="Hub id a local folder came from.")] = "",
+    max_gb: Annotated[float, typer.Option(
+        "--max-gb", help="Refuse a Hub download larger than this many GB.")] = 20.0,
+    no_size_cap: Annotated[bool, typer.Option(
+        "--no-size-cap", help="Download whatever the size.")] = False,
+    any_architecture: Annotated[bool, typer.Option(
+        "--any-architecture",
+        help="Accept an architecture the peft engine does not serve (vllm/llama.cpp).",
+    )] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register a local HF model folder as a base (referenced in place, fingerprinted).
+    """Register a base: a local HF folder (referenced in place) or a Hub repo (downloaded).
 
-    Example: loradock hub add-base my-llama ./models/llama-1b --hf-id meta-llama/Llama-3.2-1B
+    A Hub id is resolved to its commit (recorded); only safetensors, config, tokenizer, chat
+    template, generation config and card are fetched, into $LORADOCK_HOME/bases (a rerun
+    resumes). Gated repos need HF_TOKEN. Needs network access for a Hub id.
+
+    Example: loradock hub add-base qwen2.5-1.5b Qwen/Qwen2.5-1.5B-Instruct
     """
-    info = _store().add_base(name, path, hf_id=hf_id)
+    import sys
+
+    from hub import hf_bases
+
+    check = None if any_architecture else _peft_engine_rule
+    store = _store()
+    folder = Path(source).expanduser()
+    if folder.is_dir() or not hf_bases.looks_like_hub_id(source):
+        if not folder.is_dir():
+            hf_bases.parse_spec(source)  # raises: neither a folder nor a Hub id
+        config = folder / "config.json"
+        if check is not None and config.is_file():
+            check(json.loads(config.read_text()))
+        info = store.add_base(name, folder, hf_id=hf_id)
+    else:
+        def shown(plan: hf_bases.BasePlan) -> None:
+            skipped = f", {len(plan.skipped)} other files skipped" if plan.skipped else ""
+            typer.echo(f"{plan.repo_id}@{plan.revision} = commit {plan.sha[:12]}: "
+                       f"{len(plan.files)} files, {plan.total_bytes / 1e9:.2f} GB{skipped}",
+                       err=True)
+
+        info = hf_bases.add_base_from_hub(
+            store, name, source, max_bytes=None if no_size_cap else int(max_gb * 1e9),
+            check_config=check, on_plan=shown, progress=sys.stderr.isatty())
     if as_json:
         _print_json(_base_json(info))
     else:
+        origin = f", {info.hf_id}@{info.revision[:12]}" if info.revision else ""
         typer.echo(f"base {info.name}: {info.architecture}, {info.num_parameters / 1e6:.0f}M "
-                   f"params, fingerprint {info.fingerprint[:12]}")
+                   f"params, fingerprint {info.fingerprint[:12]}{origin}")
 
 
 @app.command("push")
