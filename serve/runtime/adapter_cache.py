@@ -124,10 +124,10 @@ class AdapterCache:
         return entry.pins == 0 and (entry.key not in self.protected
                                     or entry.key in self.draining)
 
-    def pick_victim(self) -> str | None:
-        """The least recently used resident adapter (None when none is resident)."""
+    def pick_victim(self, eligible: Callable[[str], bool]) -> str | None:
+        """The least recently used resident adapter that ``eligible`` accepts (or None)."""
         with self.lock:
-            return next(iter(self._resident), None)
+            return next((key for key in self._resident if eligible(key)), None)
 
     # -- pins -------------------------------------------------------------------------------
 

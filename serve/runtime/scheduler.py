@@ -293,15 +293,19 @@ class Scheduler:
 
         When every slot is pinned by running sequences, the oldest request that cannot load
         would wait for as long as traffic to the resident adapters keeps them pinned. After
-        ``STARVE_S`` it picks a victim, the least recently used resident adapter, and new
-        requests stop pinning it (`AdapterCache.draining`) until its running sequences finish
-        and the load takes its slot; requests for the victim then wait their turn the same way.
+        ``STARVE_S`` it picks a victim, the least recently used resident adapter that has no
+        waiting request older than the starving one, and new requests stop pinning it
+        (`AdapterCache.draining`) until its running sequences finish and the load takes its
+        slot; requests for the victim then wait their turn the same way (first come, first
+        served across adapters, so two adapters cannot take each other's slot in turns).
         """
         with self.lock:
             wanted = [s for s in self.waiting if s.key is not None and s.load_error is None]
         self.cache.protected = frozenset(s.key for s in wanted)
         blocked: Sequence | None = None
+        oldest: dict[str, float] = {}  # adapter -> submission time of its oldest waiting request
         for seq in wanted:
+            oldest.setdefault(seq.key, seq.submitted)
             if seq.loading or self.cache.get(seq.key) is not None:
                 continue
             if not self.cache.is_loading(seq.key) and not self.cache.has_room():
@@ -310,10 +314,12 @@ class Scheduler:
             seq.waited_for_load = seq.loading = True
             future = self.cache.start_load(seq.request.adapter)
             future.add_done_callback(lambda f, s=seq: self._load_done(s, f))
-        if blocked is None:
-            self.cache.draining = frozenset()
-        elif not self.cache.draining and time.monotonic() - blocked.submitted > STARVE_S:
-            victim = self.cache.pick_victim()
+        if blocked is None and not any(s.loading for s in wanted):
+            self.cache.draining = frozenset()  # kept while a load waits to take the slot
+        elif (blocked is not None and not self.cache.draining
+              and time.monotonic() - blocked.submitted > STARVE_S):
+            since = blocked.submitted
+            victim = self.cache.pick_victim(lambda key: oldest.get(key, float("inf")) > since)
             if victim is not None:
                 self.cache.draining = frozenset({victim})
 
