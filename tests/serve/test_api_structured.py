@@ -158,10 +158,11 @@ def test_json_object_parses_for_20_of_20_prompts(server):
     client = _client(server)
 
     def ask(prompt: str, constrained: bool) -> str:
-        extra = {"response_format": {"type": "json_object"}} if constrained else {}
+        extra = ({"response_format": {"type": "json_object"}, "max_tokens": 256} if constrained
+                 else {"max_tokens": 24})
         reply = client.chat.completions.create(
             model="smollm2", messages=[{"role": "user", "content": prompt}], temperature=0,
-            max_tokens=256, **extra)
+            **extra)
         return reply.choices[0].message.content
 
     def parses(text: str) -> bool:
@@ -170,10 +171,11 @@ def test_json_object_parses_for_20_of_20_prompts(server):
         except ValueError:
             return False
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(len(JSON_PROMPTS)) as pool:
         free = list(pool.map(lambda p: ask(p, False), JSON_PROMPTS))
         constrained = list(pool.map(lambda p: ask(p, True), JSON_PROMPTS))
-    assert sum(map(parses, free)) < len(JSON_PROMPTS) // 2, free  # not JSON unprompted
+    # Unprompted, the model rarely even starts a JSON object (prose, ```json fences...).
+    assert sum(t.lstrip().startswith("{") for t in free) < len(JSON_PROMPTS) // 2, free
     bad = [t for t in constrained if not parses(t)]
     assert not bad, bad
 
