@@ -134,7 +134,8 @@ async def bench(args, base, prompts, sets: dict, results: dict) -> None:
 
     engine = create_engine("peft", EngineConfig(
         base=base, base_dtype=args.base_dtype, max_running=max(32, len(prompts)),
-        max_adapters=8, max_model_len=1024, threads=args.threads))
+        max_adapters=8, max_model_len=1024, threads=args.threads,
+        options={"lora_dtype": args.lora_dtype}))
     await engine.start()
     try:
         results["engine"] = engine.health().detail
@@ -197,7 +198,8 @@ async def constrained_cost(args, base, prompts, records) -> dict[str, float]:
     constraint = Formatter(base).grammars.json_schema(schema, param="bench")
     engine = create_engine("peft", EngineConfig(
         base=base, base_dtype=args.base_dtype, max_running=max(32, len(prompts)),
-        max_adapters=8, max_model_len=1024, threads=args.threads))
+        max_adapters=8, max_model_len=1024, threads=args.threads,
+        options={"lora_dtype": args.lora_dtype}))
     await engine.start()
     try:
         await throughput(engine, requests(prompts[:4], records, 4, "warm-constrained"))
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--base-dtype", default="auto")
+    parser.add_argument("--lora-dtype", default="compute", choices=("compute", "fp32"))
     parser.add_argument("--quick", action="store_true", help="8 requests x 16 tokens, 1 repeat")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--constrained-only", action="store_true",

@@ -55,6 +55,7 @@ class PeftOptions:
         compute_dtype: ``auto`` (CPU: measured at start, see `serve.runtime.dtype_choice`;
             CUDA: bf16), or ``fp32``/``bf16`` to force it for ``nf4``/``nf4-dense``/``auto``
             weights (``--base-dtype fp32|bf16|fp16`` forces both weights and compute).
+        lora_dtype: ``compute`` (LoRA weights and deltas in the compute dtype) or ``fp32``.
     """
 
     request_timeout_s: float = 600.0
@@ -62,6 +63,7 @@ class PeftOptions:
     kv_initial_len: int = 256
     verify_adapters: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    lora_dtype: Literal["compute", "fp32"] = "compute"
 
     @classmethod
     def parse(cls, options: dict[str, Any]) -> PeftOptions:
@@ -83,6 +85,8 @@ class PeftOptions:
         if opts.compute_dtype not in ("auto", "fp32", "bf16"):
             problems.append(f"compute_dtype must be auto, fp32 or bf16, got "
                             f"{opts.compute_dtype!r}")
+        if opts.lora_dtype not in ("compute", "fp32"):
+            problems.append(f"lora_dtype must be compute or fp32, got {opts.lora_dtype!r}")
         if problems:
             raise InvalidInput("Bad peft engine options: " + "; ".join(problems),
                                fix=f"Known options: {', '.join(sorted(known))}.",
@@ -159,14 +163,15 @@ class PeftEngine:
         torch.set_num_threads(self._threads)
         base = load_base(cfg.base, cfg.base_dtype, cfg.device, cfg.max_model_len,
                          compute=opts.compute_dtype)
+        lora_dtype = {"compute": None, "fp32": torch.float32}[opts.lora_dtype]
         runner = ModelRunner(base, max_running=cfg.max_running, max_adapters=cfg.max_adapters,
-                             kv_initial_len=opts.kv_initial_len)
+                             kv_initial_len=opts.kv_initial_len, lora_dtype=lora_dtype)
         step_lock = threading.Lock()
         leaves = runner.spec.lora_leaves
 
         def reader(record):
             return read_adapter(record, runner.weights, leaves, max_rank=cfg.max_lora_rank,
-                                dtype=runner.dtype, verify=opts.verify_adapters)
+                                dtype=runner.lora.dtype, verify=opts.verify_adapters)
 
         cache = AdapterCache(runner.lora, cfg.max_adapters, reader, step_lock)
         scheduler = Scheduler(

@@ -255,11 +255,16 @@ class LoraStack:
             if not indices or indices.isdisjoint(pp.used):
                 continue
             at, bts, r = pool.at[key], pool.bt[key], pp.rank
+            if x.dtype != self.dtype:  # LoRA kept wider than the base's compute dtype
+                x = x.to(self.dtype)
             if pp.uniform >= 0:
                 hidden = x @ at[pp.uniform]
                 for p, (bt, start) in enumerate(zip(bts, offsets, strict=True)):
                     view = out[:, start:start + bt.shape[2]]
-                    view.addmm_(hidden[:, p * r:(p + 1) * r], bt[pp.uniform])
+                    if view.dtype == hidden.dtype:
+                        view.addmm_(hidden[:, p * r:(p + 1) * r], bt[pp.uniform])
+                    else:
+                        view.add_(hidden[:, p * r:(p + 1) * r] @ bt[pp.uniform])
                 continue
             segments = x.index_select(0, pp.gather).view(len(pp.used), pp.width, -1)
             hidden = torch.bmm(segments, pp.used_rows(at))

@@ -48,7 +48,7 @@ class ModelRunner:
     """Runs mixed decode + prefill passes for a loaded base with pooled LoRA adapters."""
 
     def __init__(self, base: LoadedBase, *, max_running: int, max_adapters: int,
-                 kv_initial_len: int = 256) -> None:
+                 kv_initial_len: int = 256, lora_dtype: torch.dtype | None = None) -> None:
         """Fuse the weights, build RoPE tables, the KV cache and an empty LoRA stack.
 
         Args:
@@ -56,6 +56,7 @@ class ModelRunner:
             max_running: KV cache rows (sequences decoded together).
             max_adapters: Adapters resident at once.
             kv_initial_len: First KV capacity per row (grown on demand, shrunk back).
+            lora_dtype: Dtype of the LoRA weights and deltas (default: the compute dtype).
         """
         import torch
 
@@ -94,7 +95,8 @@ class ModelRunner:
         self.shapes = {name: (w.in_features[name], [size for _, size in w.parts[name]])
                        for name in PROJECTIONS}
         self.offsets = {name: [offset for offset, _ in w.parts[name]] for name in PROJECTIONS}
-        self.lora = LoraStack(self.shapes, max_adapters, dtype=self.dtype, device=self.device)
+        self.lora = LoraStack(self.shapes, max_adapters, dtype=lora_dtype or self.dtype,
+                              device=self.device)
         self._plan: LoraBatch | None = None
         self.qk = (self.heads + self.kv_heads) * self.head_dim
         self.inter = self.shapes["down"][0]
