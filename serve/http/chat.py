@@ -149,8 +149,9 @@ class ChoiceText:
         cut = may_start_call(pending, self.fmt)
         if cut < len(pending) and self._call_started(pending[cut:]):
             self.locked = True
-        self.sent += cut
-        return pending[:cut]
+        out = pending[:cut].rstrip()  # whitespace before a call is not content
+        self.sent += len(out)
+        return out
 
     def _call_started(self, rest: str) -> bool:
         if self.fmt == "json":

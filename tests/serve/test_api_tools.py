@@ -95,7 +95,7 @@ def test_streamed_choice_text_sends_content_then_the_call():
                    ["Checking", " now <", "tool_call>", '{"name": "w", "arguments": {}}',
                     "</tool_call>"])
     rest, calls = choice.rest()
-    assert sent + rest == "Checking now "
+    assert sent + rest == "Checking now"  # as the non-streamed content (stripped)
     assert [(c.name, c.arguments) for c in calls] == [("w", "{}")]
 
 
