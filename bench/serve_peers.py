@@ -21,16 +21,16 @@ official ``openai`` client, so the figures include HTTP and detokenisation every
 Workloads (``--requests`` requests at once through ``/v1/completions``, a chat-formatted prompt,
 greedy, ``--max-tokens``; rate = completion tokens / wall seconds, from the servers' own usage
 counts): ``one`` (every request for one adapter) and ``mixed`` (round-robin over ``--adapters``
-adapters); and the streamed load apps send, ``one_stream`` / ``mixed_stream``:
-``--stream-requests`` streamed chat requests at concurrency ``--concurrency`` (tokens counted
-from the stream). Each is run ``--repeats`` times keeping the best rate (other processes share
-the cores). They run after a warm-up request per adapter; the first (cold) request is timed
-separately. Startup is the time from spawn to a 200 on the health route (for the vLLM servers,
-after their adapters were loaded). Engines run with the same thread count (``--threads``,
-default: all cores), vLLM with its CPU thread binding off and prefix caching as
+adapters); and the streamed load apps send, ``one_stream`` / ``mixed_stream``: ``--stream-
+requests`` streamed chat requests at concurrency ``--concurrency`` (tokens from the servers'
+``stream_options.include_usage`` counts). Each is run ``--repeats`` times keeping the best rate
+(other processes share the cores). They run after a warm-up request per adapter; the first (cold)
+request is timed separately. Startup is the time from spawn to a 200 on the health route (for the
+vLLM servers, after their adapters were loaded). Engines run with the same thread count
+(``--threads``, default: all cores), vLLM with its CPU thread binding off and prefix caching as
 ``--prefix-caching`` says for both vLLM rows, llama.cpp on the Q4_1 GGUF, loradock-peft with
-``--base-dtype auto`` (its compute dtype measured at start). The prompts repeat (4 questions),
-so prefix caching changes the vLLM figures.
+``--base-dtype auto`` (its compute dtype measured at start). The prompts repeat (4 questions), so
+prefix caching changes the vLLM figures.
 
 Ratios are against loradock-peft measured in the same run. Other processes share the cores on
 the development machines: the report records the load average before and after.
@@ -181,16 +181,28 @@ async def run_requests(url: str, models: list[str], prompts: list[str],
                                                 max_tokens=max_tokens, temperature=0)
         return reply.usage.completion_tokens, time.perf_counter() - started
 
+    return await _all_at_once(client, one, models)
+
+
+async def _all_at_once(client, one, models: list[str]) -> dict[str, float]:
+    """Run ``one(i, model)`` for every model concurrently; rate, median latency (and TTFT).
+
+    ``one`` returns ``(tokens, seconds)`` or ``(tokens, seconds, seconds to first token)``.
+    """
     started = time.perf_counter()
     try:
         done = await asyncio.gather(*(one(i, m) for i, m in enumerate(models)))
     finally:
         await client.close()
     wall = time.perf_counter() - started
-    tokens = sum(t for t, _ in done)
-    latencies = sorted(s for _, s in done)
-    return {"wall_s": round(wall, 2), "tokens": tokens, "tok_per_s": round(tokens / wall, 2),
-            "p50_latency_s": round(latencies[len(latencies) // 2], 2)}
+    tokens = sum(d[0] for d in done)
+    latencies = sorted(d[1] for d in done)
+    figures = {"wall_s": round(wall, 2), "tokens": tokens, "tok_per_s": round(tokens / wall, 2),
+               "p50_latency_s": round(latencies[len(latencies) // 2], 2)}
+    if done and len(done[0]) > 2:
+        ttfts = sorted(d[2] for d in done)
+        figures["p50_ttft_s"] = round(ttfts[len(ttfts) // 2], 3)
+    return figures
 
 
 async def run_stream(url: str, models: list[str], questions: list[str], max_tokens: int,
@@ -208,25 +220,16 @@ async def run_stream(url: str, models: list[str], questions: list[str], max_toke
             first, tokens = 0.0, 0
             stream = await client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": questions[i % len(questions)]}],
-                max_tokens=max_tokens, temperature=0, stream=True)
+                max_tokens=max_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True})
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
-                    tokens += 1
                     first = first or time.perf_counter() - started
+                if chunk.usage is not None:  # the last chunk: the server's own count
+                    tokens = chunk.usage.completion_tokens
             return tokens, time.perf_counter() - started, first
 
-    started = time.perf_counter()
-    try:
-        done = await asyncio.gather(*(one(i, m) for i, m in enumerate(models)))
-    finally:
-        await client.close()
-    wall = time.perf_counter() - started
-    tokens = sum(t for t, _, _ in done)
-    latencies = sorted(s for _, s, _ in done)
-    ttfts = sorted(f for _, _, f in done)
-    return {"wall_s": round(wall, 2), "tokens": tokens, "tok_per_s": round(tokens / wall, 2),
-            "p50_latency_s": round(latencies[len(latencies) // 2], 2),
-            "p50_ttft_s": round(ttfts[len(ttfts) // 2], 3)}
+    return await _all_at_once(client, one, models)
 
 
 def measure(peer: str, server: Server, names: list[str], prompts: list[str],
