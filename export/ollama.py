@@ -25,6 +25,7 @@ import subprocess
 from pathlib import Path
 
 from export.config import GgufOptions, LoraGgufOptions, OllamaOptions, ParityOptions
+from export.llama_convert import uses_converter
 from export.pipeline import ExportResult, StepCallback, Steps, base_gguf, resolve
 from export.templates import Translation
 from hub.errors import InvalidInput, Unsupported
@@ -111,6 +112,14 @@ def _translation_for(base_path: Path, chat_template: str, pre: str | None) -> Tr
     from export.templates import translate
 
     config = json.loads((base_path / "config.json").read_text())
+    if uses_converter(config):  # the tokens llama.cpp's converter records, as transformers reads
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        ids = tokenizer("x")["input_ids"]
+        add_bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+        return translate(chat_template, bos_token=tokenizer.bos_token or "",
+                         eos_token=tokenizer.eos_token or "", add_bos=add_bos)
     meta = read_tokenizer(base_path, config, pre_tokenizer=pre, chat_template=chat_template)
     bos = meta.tokens[meta.special_ids["bos"]] if "bos" in meta.special_ids else ""
     eos = meta.tokens[meta.special_ids["eos"]] if "eos" in meta.special_ids else ""
@@ -129,12 +138,11 @@ def export_ollama(store: Store, name: str, version: int | None, out: Path, *,
                   options: OllamaOptions | None = None, parity: ParityOptions | None = None,
                   on_step: StepCallback | None = None) -> ExportResult:
     """``loradock export ollama``: GGUF + checked Modelfile in ``out``; ``ollama create`` if any."""
-    from export.gguf_writer import check_architecture
     from export.merge import chat_template_for, load_for_export
     from export.parity import enforce, gguf_parity
     from export.pipeline import (
-        base_config,
         base_weights_note,
+        check_exportable,
         reference_for,
         write_checked_lora,
         write_merged_gguf,
@@ -143,7 +151,7 @@ def export_ollama(store: Store, name: str, version: int | None, out: Path, *,
     options = (options or OllamaOptions()).validate()
     parity = (parity or ParityOptions()).validate()
     record, base = resolve(store, name, version)
-    check_architecture(base_config(base))
+    check_exportable(base)
     model_name = options.model_name or f"{record.name}:v{record.version}"
     if not _OLLAMA_NAME.fullmatch(model_name):
         raise InvalidInput(
@@ -175,7 +183,7 @@ def export_ollama(store: Store, name: str, version: int | None, out: Path, *,
             steps(f"merge + write {options.quant}")
             write_merged_gguf(loaded, base, tmp / model_file, options.quant,
                               options=GgufOptions(quant=options.quant), name=stem,
-                              threads=parity.threads)
+                              threads=parity.threads, cache=Path(store.cache))
             del loaded
             steps(f"parity {options.quant} (llama.cpp)")
             report = gguf_parity(tmp / model_file, reference, kind=options.quant,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from export.config import (
     MergeOptions,
     ParityOptions,
 )
+from export.llama_convert import uses_converter
 from export.merge import DriftReport
 from export.parity import ParityReport
 from hub.bases import BaseInfo
@@ -243,11 +245,19 @@ def _merged_state(loaded: Any) -> dict[str, Any]:
 
 
 def write_merged_gguf(loaded: Any, base: BaseInfo, target: Path, quant: str, *,
-                      options: GgufOptions, name: str, threads: int = 0) -> None:
-    """Merge (fp32) and write ``target`` as ``quant``; q8_0/q4_k_m go through an f32 file."""
+                      options: GgufOptions, name: str, threads: int = 0,
+                      cache: Path | None = None) -> None:
+    """Merge (fp32) and write ``target`` as ``quant``; q8_0/q4_k_m go through an f32 file.
+
+    ``cache`` is the store's cache, where llama.cpp's converter is kept (`uses_converter`).
+    """
     from export.gguf_writer import write_model_gguf
     from export.quantize import quantize_gguf
 
+    if uses_converter(base_config(base)):
+        _write_converted_merged(loaded, target, quant, name=name, threads=threads,
+                                cache=Path(cache) if cache else Path(Store().cache))
+        return
     state = _merged_state(loaded)
     kwargs = dict(tensors=state, chat_template=loaded.chat_template, name=name,
                   license=base.license, pre_tokenizer=options.pre_tokenizer)
@@ -263,18 +273,47 @@ def write_merged_gguf(loaded: Any, base: BaseInfo, target: Path, quant: str, *,
         f32.unlink(missing_ok=True)
 
 
+def _write_converted_merged(loaded: Any, target: Path, quant: str, *, name: str, threads: int,
+                            cache: Path) -> None:
+    """Merged model → HF folder (fp32) → llama.cpp's converter → ``quant``."""
+    from export.llama_convert import convert_model
+    from export.merge import merge, save_merged
+    from export.quantize import quantize_gguf
+
+    folder = _hidden(target.parent, "merged")
+    f32 = _hidden(target.parent, "f32.gguf")
+    try:
+        save_merged(merge(loaded), loaded, folder, "fp32")
+        if quant == "f16":
+            convert_model(folder, target, cache=cache, dtype="f16", name=name)
+            return
+        convert_model(folder, f32, cache=cache, dtype="f32", name=name)
+        quantize_gguf(f32, target, quant, threads=threads)  # type: ignore[arg-type]
+    finally:
+        f32.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_exportable(base: BaseInfo) -> None:
+    """Refuse, before loading anything, a base neither GGUF writer takes (`uses_converter`)."""
+    from export.gguf_writer import check_architecture
+
+    config = base_config(base)
+    if not uses_converter(config):
+        check_architecture(config)
+
+
 def export_gguf(store: Store, name: str, version: int | None, out_dir: Path, *,
                 options: GgufOptions | None = None, parity: ParityOptions | None = None,
                 on_step: StepCallback | None = None) -> ExportResult:
     """``loradock export gguf``: the merged model as one GGUF, quantised and parity-checked."""
-    from export.gguf_writer import check_architecture
     from export.merge import load_for_export
     from export.parity import enforce, gguf_parity
 
     options = (options or GgufOptions()).validate()
     parity = (parity or ParityOptions()).validate()
     record, base = resolve(store, name, version)
-    check_architecture(base_config(base))
+    check_exportable(base)
     steps = Steps(5, on_step)
     final = Path(out_dir) / f"{record.name}-v{record.version}.{options.quant}.gguf"
     with atomic_file(final) as tmp:
@@ -284,7 +323,8 @@ def export_gguf(store: Store, name: str, version: int | None, out_dir: Path, *,
         reference = reference_for(record, base, parity, loaded)
         steps(f"merge + write {options.quant}")
         write_merged_gguf(loaded, base, tmp, options.quant, options=options,
-                          name=f"{record.name}-v{record.version}", threads=parity.threads)
+                          name=f"{record.name}-v{record.version}", threads=parity.threads,
+                          cache=Path(store.cache))
         weights = loaded.base_weights
         del loaded
         steps(f"parity {options.quant} (llama.cpp)")
@@ -317,7 +357,9 @@ def base_gguf(store: Store, base: BaseInfo, quant: str = "f16") -> Path:
         if final.is_file():
             return final
         with atomic_file(final) as tmp:
-            if quant == "f16":
+            if uses_converter(base_config(base)):
+                _convert_base(store, base, tmp, quant)
+            elif quant == "f16":
                 write_model_gguf(Path(base.path), tmp, dtype="f16", name=base.name,
                                  license=base.license)
             else:
@@ -331,6 +373,22 @@ def base_gguf(store: Store, base: BaseInfo, quant: str = "f16") -> Path:
     return final
 
 
+def _convert_base(store: Store, base: BaseInfo, target: Path, quant: str) -> None:
+    from export.llama_convert import convert_model
+    from export.quantize import quantize_gguf
+
+    if quant == "f16":
+        convert_model(Path(base.path), target, cache=Path(store.cache), dtype="f16",
+                      name=base.name)
+        return
+    f32 = _hidden(target.parent, "f32.gguf")
+    try:
+        convert_model(Path(base.path), f32, cache=Path(store.cache), dtype="f32", name=base.name)
+        quantize_gguf(f32, target, quant)  # type: ignore[arg-type]
+    finally:
+        f32.unlink(missing_ok=True)
+
+
 def write_checked_lora(store: Store, record: AdapterRecord, base: BaseInfo, target: Path, *,
                        options: LoraGgufOptions, parity: ParityOptions, steps: Steps,
                        label: str, base_quant: str = "f16") -> ParityReport:
@@ -339,8 +397,14 @@ def write_checked_lora(store: Store, record: AdapterRecord, base: BaseInfo, targ
     from export.parity import enforce, gguf_parity
 
     steps("write GGUF LoRA")
-    write_lora_gguf(record.path, base_config(base), target, dtype=options.dtype,
-                    name=f"{record.name}-v{record.version}")
+    if uses_converter(base_config(base)):
+        from export.llama_convert import convert_lora
+
+        convert_lora(record.path, Path(base.path), target, cache=Path(store.cache),
+                     dtype=options.dtype)  # type: ignore[arg-type]
+    else:
+        write_lora_gguf(record.path, base_config(base), target, dtype=options.dtype,
+                        name=f"{record.name}-v{record.version}")
     steps(f"base GGUF ({base_quant}, cached)")
     base_file = base_gguf(store, base, base_quant)
     steps("reference (PEFT, unmerged)")
@@ -357,12 +421,10 @@ def export_lora_gguf(store: Store, name: str, version: int | None, out_dir: Path
                      options: LoraGgufOptions | None = None, parity: ParityOptions | None = None,
                      on_step: StepCallback | None = None) -> ExportResult:
     """``loradock export lora-gguf``: the adapter as a llama.cpp GGUF LoRA, parity-checked."""
-    from export.gguf_writer import check_architecture
-
     options = (options or LoraGgufOptions()).validate()
     parity = (parity or ParityOptions()).validate()
     record, base = resolve(store, name, version)
-    check_architecture(base_config(base))
+    check_exportable(base)
     steps = Steps(5, on_step)
     final = Path(out_dir) / f"{record.name}-v{record.version}.lora.gguf"
     with atomic_file(final) as tmp:

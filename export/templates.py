@@ -4,7 +4,7 @@ Jinja cannot be translated in general, so we recognise the template's family by 
 write that family's Go template, filling in what varies between models by rendering probe
 conversations through the Jinja original (a built-in default system prompt, where a system message
 goes, the separators around it). Families: ChatML (SmolLM2, Qwen), Llama-3, Mistral ``[INST]``,
-Gemma ``<start_of_turn>``. Anything else is refused by name.
+Gemma ``<start_of_turn>``, Phi-3 ``<|assistant|>``. Anything else is refused by name.
 
 Every translation is then verified: each probe conversation (with/without system, one and several
 turns, ending with the user or the assistant) is rendered by Jinja exactly as transformers does in
@@ -227,12 +227,40 @@ def _gemma(render: Render, strip: Callable[[str], str]) -> Translation:
     return Translation("gemma", go, ["<start_of_turn>", "<end_of_turn>"], supports_system=system)
 
 
+def _phi3(render: Render, strip: Callable[[str], str]) -> Translation:
+    r"""Phi-3: ``<|role|>\ncontent<|end|>\n`` turns; some versions drop system messages."""
+    user = strip(render(_messages(PROBES[0]), True))
+    if user != f"<|user|>\n{_U1}<|end|>\n<|assistant|>\n":
+        raise Unsupported(f"Phi-3 template renders a user turn as {user[:60]!r}",
+                          fix="Use a plain Phi-3 template.")
+    pair = strip(render(_messages(PROBES[2]), False))
+    tail = pair.removeprefix(f"{user}{_A1}<|end|>\n")
+    if tail == pair:
+        raise Unsupported("Phi-3 template renders an assistant turn in an unrecognised way",
+                          fix="Use a plain Phi-3 template.")
+    with_system = _try(render, _messages(PROBES[1]), True)
+    system = with_system is not None and strip(with_system) == f"<|system|>\n{_S}<|end|>\n{user}"
+    roles = '(or (eq $m.Role "user") (eq $m.Role "assistant")' + (
+        ' (eq $m.Role "system"))' if system else ")")
+    go = ("{{- range $i, $m := .Messages }}"
+          f"{{{{- if {roles} }}}}<|{{{{ $m.Role }}}}|>\n{{{{ $m.Content }}}}<|end|>\n{{{{ end }}}}"
+          f'{{{{- if and {_LAST} (ne $m.Role "assistant") }}}}<|assistant|>\n'
+          f"{{{{ else if {_LAST} }}}}{go_literal(tail)}{{{{ end }}}}"
+          "{{- end }}")
+    result = Translation("phi3", go, ["<|end|>", "<|user|>", "<|assistant|>"] + (
+        [tail] if tail.strip() else []), supports_system=system)
+    if not system:
+        result.notes.append("The Phi-3 template drops system messages; so does the Modelfile.")
+    return result
+
+
 # Family name -> (marker in the Jinja source, builder). Checked in order.
 FAMILIES: dict[str, tuple[str, Callable[[Render, Callable[[str], str]], Translation]]] = {
     "llama3": ("<|start_header_id|>", _llama3),
     "gemma": ("<start_of_turn>", _gemma),
     "mistral": ("[INST]", _mistral),
     "chatml": ("<|im_start|>", _chatml),
+    "phi3": ("<|assistant|>", _phi3),
 }
 
 
@@ -248,7 +276,8 @@ def detect_family(template: str) -> str:
     raise Unsupported(
         "The chat template is not one loradock can translate for Ollama",
         fix="Supported families: ChatML (<|im_start|>), Llama-3 (<|start_header_id|>), "
-        "Mistral ([INST]) and Gemma (<start_of_turn>). Build the Modelfile TEMPLATE by hand.",
+        "Mistral ([INST]), Gemma (<start_of_turn>) and Phi-3 (<|assistant|>). Build the "
+        "Modelfile TEMPLATE by hand.",
         param="chat_template",
     )
 

@@ -44,12 +44,18 @@ ALL_LINEAR: dict[str, list[str]] = {
 ALL_LINEAR["phi3"] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-def make_tiny_base(family: str, out: Path, tokenizer_from: Path, seed: int = 0) -> Path:
-    """Save a tiny random ``family`` checkpoint with the tokenizer of ``tokenizer_from``."""
+def make_tiny_base(family: str, out: Path, tokenizer_from: Path, seed: int = 0,
+                   **overrides: Any) -> Path:
+    """Save a tiny random ``family`` checkpoint with the tokenizer of ``tokenizer_from``.
+
+    ``overrides`` replace config values (a value of None removes the key, so transformers'
+    default applies).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(family, **{**COMMON, **FAMILY_CONFIGS[family]})
+    values = {**COMMON, **FAMILY_CONFIGS[family], **overrides}
+    config = AutoConfig.for_model(family, **{k: v for k, v in values.items() if v is not None})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms away from their init, so offsets (Gemma's 1 + w) matter
@@ -63,3 +69,32 @@ def make_tiny_base(family: str, out: Path, tokenizer_from: Path, seed: int = 0) 
         if source.is_file():
             shutil.copy(source, out / name)
     return out
+
+
+def teach_tiny_base(path: Path, texts: list[str], steps: int = 60, lr: float = 3e-3) -> Path:
+    """Fit the checkpoint at ``path`` on ``texts`` for a few full-weight steps, in place.
+
+    Random weights give near-tied next-token logits over the 49k vocabulary, so any lossy format
+    (q8_0, even f16) flips argmaxes by chance; a few steps on the texts that will be asked
+    (e.g. the parity prompts in their chat template) give the confident predictions a trained
+    model has, so a parity check measures the format, not the ties.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    batch = [torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]]) for t in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    torch.manual_seed(0)
+    for step in range(steps):
+        ids = batch[step % len(batch)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return Path(path)

@@ -72,6 +72,20 @@ GEMMA_NO_SYSTEM = (
     "{{ '<start_of_turn>' + role + '\\n' + message['content'] + '<end_of_turn>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
 )
+PHI3 = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI3_NO_SYSTEM = (  # Phi-3's first releases: the system message is silently dropped
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') %}"
+    "{{'<|user|>' + '\n' + message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}"
+    "{% elif (message['role'] == 'assistant') %}{{message['content'] + '<|end|>' + '\n'}}"
+    "{% endif %}{% endfor %}"
+)
 
 # Tokenizer configs as the families ship them (the parts templates read).
 CONFIGS = {
@@ -87,9 +101,14 @@ CONFIGS = {
               "add_bos_token": True},
     "gemma-no-system": {"chat_template": GEMMA_NO_SYSTEM, "bos_token": "<bos>",
                         "eos_token": "<eos>", "add_bos_token": True},
+    "phi3": {"chat_template": PHI3, "bos_token": "<s>", "eos_token": "<|endoftext|>",
+             "add_bos_token": False},
+    "phi3-no-system": {"chat_template": PHI3_NO_SYSTEM, "bos_token": "<s>",
+                       "eos_token": "<|endoftext|>", "add_bos_token": True},
 }
 FAMILY = {"chatml": "chatml", "llama3": "llama3", "mistral-first": "mistral",
-          "mistral-last": "mistral", "gemma": "gemma", "gemma-no-system": "gemma"}
+          "mistral-last": "mistral", "gemma": "gemma", "gemma-no-system": "gemma",
+          "phi3": "phi3", "phi3-no-system": "phi3"}
 
 SYSTEM = {"role": "system", "content": "You answer in French.\nKeep it short."}
 CONVERSATIONS = {
