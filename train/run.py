@@ -132,6 +132,7 @@ def _prepare_data(recipe: Recipe, tokenizer: Any, data_dir: Path) -> Any:
     from train.data import SPLIT_FILES, prepare_dataset, read_report, read_split
     from train.data.hub_source import resolve_source
     from train.sft import with_system_prompt
+    from train.template import fold_system_turn
 
     if (data_dir / "data_report.json").is_file():
         return read_report(data_dir)
@@ -144,14 +145,23 @@ def _prepare_data(recipe: Recipe, tokenizer: Any, data_dir: Path) -> Any:
         splits=tuple(recipe.splits), overwrite=True,
         min_answer_tokens=recipe.min_answer_tokens, origin=origin,
     )
-    if recipe.system_prompt:
-        # In the split files, so that evaluation and serving see the same conversations.
-        key = "prompt" if report.kind == "preference" else "messages"
-        for name in SPLIT_FILES.values():
-            path = tmp / name
-            rows = read_split(path)
-            for row in rows:
-                row[key] = with_system_prompt(row[key], recipe.system_prompt)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    # In the split files, so that evaluation and serving see the same conversations; a system
+    # turn the base's template refuses (Gemma 2) is folded into the first user turn.
+    key = "prompt" if report.kind == "preference" else "messages"
+    for name in SPLIT_FILES.values():
+        path = tmp / name
+        rows = read_split(path)
+        changed = False
+        for row in rows:
+            if not isinstance(row.get(key), list):
+                continue
+            messages = with_system_prompt(row[key], recipe.system_prompt)
+            if template and messages and messages[0].get("role") == "system":
+                messages = fold_system_turn(template, messages)
+            changed |= messages != row[key]
+            row[key] = messages
+        if changed:
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     shutil.rmtree(data_dir, ignore_errors=True)
     tmp.rename(data_dir)

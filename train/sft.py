@@ -16,10 +16,12 @@ adapter folder are `train.run`'s.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hub.errors import Unsupported
 from train.args import common_args, early_stopping_callbacks
 from train.quant import QuantSpec, match_adapter_dtype
 from train.recipe import Recipe
@@ -85,7 +87,16 @@ def build_sft_trainer(
     from trl import SFTConfig, SFTTrainer
 
     if recipe.assistant_only_loss:
-        use_training_template(tokenizer)
+        try:
+            use_training_template(tokenizer)
+        except Unsupported as exc:  # the fallback: loss on every token, said and recorded
+            import logging
+
+            logging.getLogger("loradock.train").warning(
+                "assistant-only loss is off for this run: %s", exc.message)
+            print(f"note: assistant-only loss is off for this run (loss on every token): "
+                  f"{exc.message}", file=sys.stderr)
+            recipe.assistant_only_loss = False  # the manifest records what was trained
     validate = bool(val_rows)
     args = common_args(recipe, spec, checkpoints, progress=progress, has_validation=validate)
     config = SFTConfig(

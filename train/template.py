@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from hub.errors import Unsupported
 
 _GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_LOOP_RE = re.compile(r"\{%-?\s*for\s+(\w+)\s+in\s+messages\b")
+_LOOP_RE = re.compile(r"\{%-?\s*for\s+(\w+)\s+in\s+(?:loop_)?messages\b")
 _EXPR_RE = re.compile(r"\{\{(-?)(.*?)(-?)\}\}", re.DOTALL)
 
 SAMPLE_CONVERSATIONS: list[list[dict[str, str]]] = [
@@ -164,6 +164,10 @@ def check_same_rendering(
         Unsupported: Naming the first conversation that differs.
     """
     for i, messages in enumerate(conversations):
+        if refuses(original, messages):  # e.g. Gemma 2 and a system turn: the copy must too
+            if not refuses(training, messages):
+                raise _unsupported(f"the derived template accepts sample {i}; the base refuses it")
+            continue
         for add_prompt in (False, True):
             a = render(original, messages, add_generation_prompt=add_prompt)
             b = render(training, messages, add_generation_prompt=add_prompt)
@@ -172,3 +176,33 @@ def check_same_rendering(
                     f"the derived template renders sample {i} differently ({a[:60]!r} vs "
                     f"{b[:60]!r})"
                 )
+
+
+def refuses(template: str, messages: Sequence[dict[str, str]]) -> bool:
+    """True if ``template`` raises on ``messages`` (``raise_exception``, e.g. Gemma 2's system)."""
+    from jinja2 import TemplateError
+
+    try:
+        render(template, messages, add_generation_prompt=True)
+    except TemplateError:
+        return True
+    return False
+
+
+def fold_system_turn(template: str, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """Gemma's system-role rule: a template that refuses a system turn gets it folded in.
+
+    When ``messages`` start with a system turn that ``template`` refuses (Gemma 2's raises
+    "System role not supported"), the system text is put before the first user message with a
+    blank line, which is what Gemma 3's own template does with a system turn. Anything else is
+    returned unchanged.
+    """
+    rows = [dict(m) for m in messages]
+    if not rows or rows[0].get("role") != "system" or not refuses(template, rows):
+        return rows
+    system, rest = rows[0]["content"], rows[1:]
+    for row in rest:
+        if row.get("role") == "user":
+            row["content"] = f"{system}\n\n{row['content']}"
+            break
+    return rest
