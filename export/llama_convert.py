@@ -104,6 +104,26 @@ def converter_dir(cache: Path) -> Path:
     return target
 
 
+def check_supported(config: dict[str, Any], cache: Path) -> None:
+    """Refuse, before loading anything, an architecture llama.cpp's converter does not know.
+
+    The converter registers each model class under its ``architectures`` names
+    (``@ModelBase.register("Qwen2ForCausalLM", ...)``); the name is looked up in its source.
+
+    Raises:
+        Unsupported: Naming the architecture.
+    """
+    arch = str((config.get("architectures") or [config.get("model_type") or "unknown"])[0])
+    sources = (converter_dir(cache) / "conversion").glob("*.py")
+    if not any(f'"{arch}"' in path.read_text(encoding="utf-8") for path in sources):
+        raise Unsupported(
+            f"Architecture {arch!r} cannot be exported to GGUF: llama.cpp's converter "
+            f"(llama-cpp-python {llama_cpp_version()}) does not know it",
+            fix="Export a merged HF folder instead (`loradock export merged`).",
+            param="architecture",
+        )
+
+
 def _run(cache: Path, script: str, args: list[str], what: str) -> None:
     command = [sys.executable, str(RUNNER), str(converter_dir(cache)), script, *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the converter must never reach the Hub

@@ -151,7 +151,7 @@ def export_ollama(store: Store, name: str, version: int | None, out: Path, *,
     options = (options or OllamaOptions()).validate()
     parity = (parity or ParityOptions()).validate()
     record, base = resolve(store, name, version)
-    check_exportable(base)
+    check_exportable(base, Path(store.cache))
     model_name = options.model_name or f"{record.name}:v{record.version}"
     if not _OLLAMA_NAME.fullmatch(model_name):
         raise InvalidInput(

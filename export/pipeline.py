@@ -294,12 +294,15 @@ def _write_converted_merged(loaded: Any, target: Path, quant: str, *, name: str,
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def check_exportable(base: BaseInfo) -> None:
+def check_exportable(base: BaseInfo, cache: Path) -> None:
     """Refuse, before loading anything, a base neither GGUF writer takes (`uses_converter`)."""
     from export.gguf_writer import check_architecture
+    from export.llama_convert import check_supported
 
     config = base_config(base)
-    if not uses_converter(config):
+    if uses_converter(config):
+        check_supported(config, cache)
+    else:
         check_architecture(config)
 
 
@@ -313,7 +316,7 @@ def export_gguf(store: Store, name: str, version: int | None, out_dir: Path, *,
     options = (options or GgufOptions()).validate()
     parity = (parity or ParityOptions()).validate()
     record, base = resolve(store, name, version)
-    check_exportable(base)
+    check_exportable(base, Path(store.cache))
     steps = Steps(5, on_step)
     final = Path(out_dir) / f"{record.name}-v{record.version}.{options.quant}.gguf"
     with atomic_file(final) as tmp:
@@ -424,7 +427,7 @@ def export_lora_gguf(store: Store, name: str, version: int | None, out_dir: Path
     options = (options or LoraGgufOptions()).validate()
     parity = (parity or ParityOptions()).validate()
     record, base = resolve(store, name, version)
-    check_exportable(base)
+    check_exportable(base, Path(store.cache))
     steps = Steps(5, on_step)
     final = Path(out_dir) / f"{record.name}-v{record.version}.lora.gguf"
     with atomic_file(final) as tmp:

@@ -135,8 +135,10 @@ def _hub_error(repo_id: str, revision: str, exc: Exception) -> LoradockError:
                         fix="Use a branch, tag or commit sha the repo has (default: main).",
                         param="revision")
     if isinstance(exc, RepositoryNotFoundError):
-        return NotFound(f"No model repo {repo_id!r} on the Hub (or it is private)",
-                        fix="Check the id; for a private repo set HF_TOKEN.", param="source")
+        return NotFound(f"No model repo {repo_id!r} on the Hub (or it is private), and no "
+                        "local folder of that name",
+                        fix="Check the id or the path; for a private repo set HF_TOKEN.",
+                        param="source")
     if isinstance(exc, OfflineModeIsEnabled):
         return RemoteError(f"Cannot reach the Hub for {repo_id}: HF_HUB_OFFLINE is set",
                            fix="Set HF_HUB_OFFLINE=0, or pass a folder downloaded elsewhere.")

@@ -91,7 +91,7 @@ def _other_arch_base(base_info, folder: Path, arch: str) -> Path:
 def test_export_of_an_unsupported_base_is_refused_before_writing(store, base_info,
                                                                  adapter_factory,
                                                                  tmp_path: Path) -> None:
-    other = _other_arch_base(base_info, tmp_path / "other-base", "MistralForCausalLM")
+    other = _other_arch_base(base_info, tmp_path / "other-base", "FooForCausalLM")
     store.add_base("other", other)
     adapter = tmp_path / "adapter"
     shutil.copytree(adapter_factory(seed=1), adapter)
@@ -99,9 +99,9 @@ def test_export_of_an_unsupported_base_is_refused_before_writing(store, base_inf
     store.register(adapter, "odd", base="other")
     out = tmp_path / "out"
     for export in (export_gguf, export_lora_gguf):
-        with pytest.raises(Unsupported, match="MistralForCausalLM"):
+        with pytest.raises(Unsupported, match="FooForCausalLM"):
             export(store, "odd", None, out, parity=ParityOptions(prompts=1, max_tokens=2))
-    with pytest.raises(Unsupported, match="MistralForCausalLM"):
+    with pytest.raises(Unsupported, match="FooForCausalLM"):
         write_model_gguf(other, tmp_path / "direct.gguf")
     assert not out.exists() and not (tmp_path / "direct.gguf").exists()
 
