@@ -187,6 +187,10 @@ def test_unknown_architecture_is_refused_before_the_weights_unless_asked(hub, ho
     result = cli("add-base", "foo", "acme/foo", "--any-architecture", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["architecture"] == "FooForCausalLM"
+    # The PATH form follows the same rule.
+    assert "model_type='foo'" in error_line(cli("add-base", "foo-local", str(folder)))
+    result = cli("add-base", "foo-local", str(folder), "--any-architecture", "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["revision"] == ""
 
 
 def test_gated_repo_and_size_cap_are_explained(hub, home, tiny_llama, monkeypatch):
