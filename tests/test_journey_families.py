@@ -68,7 +68,9 @@ def _reference(path: Path, adapter: Path, prompt: list[int], stops: list[int]) -
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
 def test_bring_your_own_base_from_the_hub_through_every_stage(family, tmp_path, journey_env,
-                                                              base_info):
+                                                              base_info, adapter_factory):
+    import openai
+
     from hub.store import Store
     from serve.chat import Formatter
     from tests.serve.helpers import running_server
@@ -93,6 +95,8 @@ def test_bring_your_own_base_from_the_hub_through_every_stage(family, tmp_path, 
     assert (record.path / "chat_template.jinja").read_text() == (
         Path(added["path"]) / "chat_template.jinja").read_text()
 
+    store.register(adapter_factory(seed=3), "elsewhere", base="smollm2")  # another base's
+
     # 3. served through the official openai client, greedy equal to transformers + PEFT (fp32).
     base = store.base(name)
     formatter = Formatter(base)
@@ -104,7 +108,12 @@ def test_bring_your_own_base_from_the_hub_through_every_stage(family, tmp_path, 
                         args=["--base", name, "--base-dtype", "fp32",
                               "--max-model-len", "256"]) as server:
         client = server.client()
-        assert f"{name}+demo" in {m.id for m in client.models.list().data}
+        listed = {m.id for m in client.models.list().data}
+        assert f"{name}+demo" in listed and "smollm2+elsewhere" not in listed
+        with pytest.raises(openai.BadRequestError) as refused:  # 400 naming both bases
+            client.chat.completions.create(model=f"{name}+elsewhere", max_tokens=2,
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert "'smollm2'" in str(refused.value) and f"'{name}'" in str(refused.value)
         reply = client.chat.completions.create(
             model=f"{name}+demo", messages=[{"role": "user", "content": QUESTION}],
             temperature=0, max_tokens=MAX_TOKENS)
