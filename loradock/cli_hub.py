@@ -153,7 +153,8 @@ def _peft_engine_rule(config: dict) -> None:
 def add_base(
     name: Annotated[str, typer.Argument(help="Name for the base, e.g. qwen2.5-1.5b.")],
     source: Annotated[str, typer.Argument(
-        help="Local HF model folder (safetensors), or a Hub id ORG/NAME[@REVISION].")],
+        help="Local HF model folder (safetensors), or a Hub id ORG/NAME or "
+        "ORG/NAME@REVISION.")],
     hf_id: Annotated[str, typer.Option("--hf-id", help="Hub id a local folder came from.")] = "",
     max_gb: Annotated[float, typer.Option(
         "--max-gb", help="Refuse a Hub download larger than this many GB.")] = 20.0,
