@@ -19,6 +19,10 @@ LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_B
 LLAMA_CPU_ARGS := -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON \
 	-DGGML_FMA=ON -DGGML_F16C=ON
 STAMP := $(VENV)/.loradock-installed
+# llama.cpp's own HF -> GGUF converters ship in this sdist (export/llama_convert.py); fetched once
+# at install time, so exports and tests never call pip at run time.
+LLAMA_CPP_SDIST := $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+export LORADOCK_LLAMA_CPP_SDIST ?= $(LLAMA_CPP_SDIST)
 
 export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
@@ -35,6 +39,8 @@ $(STAMP): pyproject.toml Makefile
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(LLAMA_CPU_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 			$(PIP) wheel --no-deps --wheel-dir $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION); \
 	fi
+	@test -f $(LLAMA_CPP_SDIST) || $(PIP) download --quiet --no-deps --no-binary :all: \
+		--dest $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(PIP) install --quiet --find-links $(WHEELHOUSE) -e ".[dev]"
 	# An older venv may hold a llama-cpp-python built with other flags under the same version.
 	$(PIP) install --quiet --no-deps --force-reinstall \
