@@ -94,6 +94,45 @@ class PeftOptions:
         return opts
 
 
+# The rank whose LoRA pool is allocated and whose kernels run once at start (the default recipe's).
+WARM_RANK = 16
+
+
+def warm_up(runner, rank: int) -> None:
+    """Run the LoRA paths once with zero adapters of ``rank``, then clear them.
+
+    The first real adapter after start then finds its pool allocated and every kernel it uses
+    initialised: without this, it added about 90 ms more to its time to first token than later
+    cold adapters did.
+    """
+    import torch
+
+    from serve.runtime.lora import AdapterWeights
+    from serve.runtime.runner import DecodeRows
+
+    modules = {}
+    for layer in range(runner.num_layers):
+        for name, (in_f, sizes) in runner.shapes.items():
+            modules[(layer, name)] = (torch.zeros(len(sizes) * rank, in_f),
+                                      [torch.zeros(rank, size) for size in sizes])
+    weights = AdapterWeights(modules, rank)
+    slots = [runner.lora.install(weights) for _ in range(min(2, runner.lora.capacity))]
+    cache = runner.cache
+    rows = [cache.allocate() for _ in range(min(3, cache.rows))]
+    plan = (slots + [-1] * len(rows))[:len(rows)]
+    try:
+        with torch.inference_mode():
+            runner.forward(None, [(row, [0, 1, 2], 0, slot) for row, slot in zip(rows, plan,
+                                                                               strict=True)])
+            runner.forward(DecodeRows([3] * len(rows), [3] * len(rows), plan), [])
+            runner.forward(DecodeRows([3] * len(rows), [4] * len(rows), [slots[0]] * len(rows)),
+                           [])
+    finally:
+        for slot in slots:
+            runner.lora.clear(slot)
+        cache.shrink(0)
+
+
 def default_threads() -> int:
     """CPU threads for torch: the cores this process may run on."""
     try:
@@ -173,6 +212,7 @@ class PeftEngine:
             return read_adapter(record, runner.weights, leaves, max_rank=cfg.max_lora_rank,
                                 dtype=runner.lora.dtype, verify=opts.verify_adapters)
 
+        warm_up(runner, min(WARM_RANK, cfg.max_lora_rank))
         cache = AdapterCache(runner.lora, cfg.max_adapters, reader, step_lock)
         scheduler = Scheduler(
             runner, cache, step_lock, max_running=cfg.max_running, max_queue=cfg.max_queue,

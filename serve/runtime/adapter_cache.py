@@ -33,6 +33,16 @@ if TYPE_CHECKING:
     from serve.runtime.lora import AdapterWeights, LoraStack
 
 
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise, inflating RSS)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 class NoRoom(Conflict):
     """Every slot holds an adapter with requests in flight (the caller may retry later)."""
 
@@ -180,12 +190,14 @@ class AdapterCache:
                 self._resident[key] = entry
                 self.loads += 1
                 self.load_s_total += load_s
-                return entry
+            return entry
         finally:
             with self.lock:
                 self._loading.pop(key, None)
             if self.on_loaded is not None:
                 self.on_loaded()
+            weights = None
+            _trim_heap()  # the file bytes and fp32 copies are freed: give the pages back
 
     def _make_room(self, key: str) -> None:
         if len(self._resident) < self.capacity:

@@ -262,11 +262,15 @@ def _verify(record: AdapterRecord, files: dict[str, bytes]) -> None:
 
 def _all_finite(data: bytes, tensors: dict[str, torch.Tensor]) -> bool:
     """No NaN or inf anywhere: one pass over the file's data block when it has one dtype."""
+    import warnings
+
     import torch
 
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point:
         header = 8 + int.from_bytes(data[:8], "little")
-        block = torch.frombuffer(bytearray(data[header:]), dtype=next(iter(dtypes)))
+        with warnings.catch_warnings():  # read-only view of the file's bytes, no copy
+            warnings.simplefilter("ignore", UserWarning)
+            block = torch.frombuffer(data, dtype=next(iter(dtypes)), offset=header)
         return bool(torch.isfinite(block).all())
     return all(bool(torch.isfinite(t).all()) for t in tensors.values())
