@@ -55,20 +55,29 @@ def build_dpo_trainer(
     """
     from trl import DPOConfig, DPOTrainer
 
-    validate = bool(val_rows)
+    return preference_trainer(
+        DPOTrainer, DPOConfig, recipe, model, tokenizer, dpo_dataset(train_rows),
+        dpo_dataset(val_rows) if val_rows else None, spec=spec, checkpoints=checkpoints,
+        callbacks=callbacks, progress=progress, precompute_ref_log_probs=False)
+
+
+def preference_trainer(trainer_cls: Any, config_cls: Any, recipe: Recipe, model: Any,
+                       tokenizer: Any, train_dataset: Any, eval_dataset: Any, *,
+                       spec: QuantSpec, checkpoints: Path, callbacks: list, progress: bool,
+                       **config_extra: Any) -> Any:
+    """One TRL preference trainer (DPO, ORPO, KTO) on the recipe's shared settings.
+
+    ``config_extra`` holds what only that method's config takes.
+    """
+    validate = eval_dataset is not None
     args = common_args(recipe, spec, checkpoints, progress=progress, has_validation=validate)
-    config = DPOConfig(
-        **args,
-        max_length=recipe.max_seq_len,
-        beta=recipe.beta,
-        precompute_ref_log_probs=False,
-        dataset_num_proc=None,
-    )
-    trainer = DPOTrainer(
+    config = config_cls(**args, max_length=recipe.max_seq_len, beta=recipe.beta,
+                        dataset_num_proc=None, **config_extra)
+    trainer = trainer_cls(
         model=model,
         args=config,
-        train_dataset=dpo_dataset(train_rows),
-        eval_dataset=dpo_dataset(val_rows) if val_rows else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=[*callbacks, *early_stopping_callbacks(recipe, has_validation=validate)],
     )

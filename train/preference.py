@@ -23,9 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from train.args import common_args, early_stopping_callbacks
-from train.dpo import dpo_dataset
-from train.quant import QuantSpec, match_adapter_dtype
+from train.dpo import dpo_dataset, preference_trainer
+from train.quant import QuantSpec
 from train.recipe import Recipe
 
 
@@ -60,25 +59,10 @@ def build_orpo_trainer(
         warnings.simplefilter("ignore")
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    validate = bool(val_rows)
-    args = common_args(recipe, spec, checkpoints, progress=progress, has_validation=validate)
-    config = ORPOConfig(
-        **args,
-        max_length=recipe.max_seq_len,
-        max_completion_length=recipe.max_seq_len,
-        beta=recipe.beta,
-        dataset_num_proc=None,
-    )
-    trainer = ORPOTrainer(
-        model=model,
-        args=config,
-        train_dataset=dpo_dataset(train_rows),
-        eval_dataset=dpo_dataset(val_rows) if val_rows else None,
-        processing_class=tokenizer,
-        callbacks=[*callbacks, *early_stopping_callbacks(recipe, has_validation=validate)],
-    )
-    match_adapter_dtype(trainer.model, spec)
-    return trainer
+    return preference_trainer(
+        ORPOTrainer, ORPOConfig, recipe, model, tokenizer, dpo_dataset(train_rows),
+        dpo_dataset(val_rows) if val_rows else None, spec=spec, checkpoints=checkpoints,
+        callbacks=callbacks, progress=progress, max_completion_length=recipe.max_seq_len)
 
 
 def build_kto_trainer(
@@ -96,22 +80,7 @@ def build_kto_trainer(
     """Build a KTO trainer (arguments as `train.sft.build_sft_trainer`)."""
     from trl import KTOConfig, KTOTrainer
 
-    validate = bool(val_rows)
-    args = common_args(recipe, spec, checkpoints, progress=progress, has_validation=validate)
-    config = KTOConfig(
-        **args,
-        max_length=recipe.max_seq_len,
-        beta=recipe.beta,
-        precompute_ref_log_probs=False,
-        dataset_num_proc=None,
-    )
-    trainer = KTOTrainer(
-        model=model,
-        args=config,
-        train_dataset=kto_dataset(train_rows),
-        eval_dataset=kto_dataset(val_rows) if val_rows else None,
-        processing_class=tokenizer,
-        callbacks=[*callbacks, *early_stopping_callbacks(recipe, has_validation=validate)],
-    )
-    match_adapter_dtype(trainer.model, spec)
-    return trainer
+    return preference_trainer(
+        KTOTrainer, KTOConfig, recipe, model, tokenizer, kto_dataset(train_rows),
+        kto_dataset(val_rows) if val_rows else None, spec=spec, checkpoints=checkpoints,
+        callbacks=callbacks, progress=progress, precompute_ref_log_probs=False)
