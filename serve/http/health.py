@@ -48,5 +48,8 @@ async def health(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> PlainTextResponse:
     """Prometheus text exposition."""
     state = app_state(request)
-    return PlainTextResponse(state.metrics.render(state.engine.health()),
-                             media_type="text/plain; version=0.0.4; charset=utf-8")
+    text = state.metrics.render(state.engine.health())
+    extra = getattr(state.engine, "metrics_lines", None)  # an engine's own samples (Ray's)
+    if extra is not None:
+        text += "\n".join(extra()) + "\n"
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
