@@ -26,6 +26,7 @@ from hub.bases import BaseInfo
 from hub.errors import InvalidInput, Unsupported
 from hub.manifest import CHAT_TEMPLATE_FILE
 from hub.store import AdapterRecord
+from hub.system_turn import fold_system_turn, starts_with_system
 from serve.grammar import Grammars
 
 # Turn-end tokens of common chat formats that should end generation when the vocabulary has them.
@@ -136,7 +137,9 @@ class Formatter:
         """Render ``messages`` with the adapter's template and the assistant generation prompt.
 
         A conversation without a system message gets the adapter's recorded system prompt
-        first (`recorded_system_prompt`), the rule training applied (`train.sft`).
+        first (`recorded_system_prompt`), the rule training applied (`train.sft`); a system
+        turn the template refuses (Gemma 2) is folded into the first user message
+        (`hub.system_turn`), as training folded it.
 
         Args:
             messages: The conversation (tool calls and tool results as templates expect them).
@@ -151,20 +154,26 @@ class Formatter:
         system = recorded_system_prompt(adapter)
         if system and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": system}, *messages]
+        template = self.template_for(adapter)
         try:
-            return self.tokenizer.apply_chat_template(
-                messages,
-                chat_template=self.template_for(adapter),
-                tools=tools or None,
-                tokenize=False,
-                add_generation_prompt=True,
-            )
+            return self._apply(messages, template, tools)
         except jinja2.TemplateError as exc:
+            if starts_with_system(messages):  # refused (Gemma 2): folded as training did
+                try:
+                    return self._apply(fold_system_turn(messages), template, tools)
+                except jinja2.TemplateError:
+                    pass
             raise InvalidInput(
                 f"The chat template refused these messages: {str(exc)[:200]}",
                 fix="Check the order and roles of 'messages'.",
                 param="messages",
             ) from exc
+
+    def _apply(self, messages: list[dict[str, Any]], template: str,
+               tools: list[dict[str, Any]] | None) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tools=tools or None, tokenize=False,
+            add_generation_prompt=True)
 
     def encode_chat(
         self, messages: list[dict[str, Any]], adapter: AdapterRecord | None,

@@ -2,19 +2,22 @@
 
 Each is built with transformers' own config and model classes (so the checkpoint is exactly
 what ``save_pretrained`` writes for that family), a few layers wide, with the embedded
-SmolLM2's tokenizer and chat template copied in, so a real server can serve it through the
-OpenAI API. Sliding windows are shorter than the test prompts, so window masks matter;
-weights are drawn wider than transformers' default (``initializer_range``) so greedy argmaxes
-are decided by clear margins, not by float rounding.
+SmolLM2's tokenizer under the family's own chat format (`CHAT_FORMATS`): the family's special
+tokens put on SmolLM2's special-token ids, its bos/eos and turn-end tokens, and its chat
+template written into ``tokenizer_config.json``, so training, serving and export meet the
+family's real prompt format, not ChatML everywhere. Sliding windows are shorter than the test
+prompts, so window masks matter; weights are drawn wider than transformers' default
+(``initializer_range``) so greedy argmaxes are decided by clear margins, not by float rounding.
 """
 
 from __future__ import annotations
 
-import shutil
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hub.bases import TOKENIZER_FILES
+from tests.chat_formats import GEMMA, GEMMA2, LLAMA3, MISTRAL_FIRST, PHI3, QWEN2, QWEN3
 
 COMMON: dict[str, Any] = {
     "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -44,17 +47,96 @@ ALL_LINEAR: dict[str, list[str]] = {
 ALL_LINEAR["phi3"] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """A family's prompt format as its instruct checkpoints ship it.
+
+    Attributes:
+        template: The Jinja chat template (`tests.chat_formats`, written from the family's).
+        tokens: The family's special tokens, put on SmolLM2's special ids 0, 1, 2, ... in order.
+        bos: ``bos_token`` ("" for none, as Qwen ships it).
+        eos: ``eos_token``.
+        stops: ``generation_config.json``'s ``eos_token_id`` tokens (the turn end included).
+        license: The licence the family's instruct models are published under (card data).
+    """
+
+    template: str
+    tokens: tuple[str, ...]
+    bos: str
+    eos: str
+    stops: tuple[str, ...]
+    license: str
+
+
+CHAT_FORMATS: dict[str, ChatFormat] = {
+    "llama": ChatFormat(LLAMA3, ("<|end_of_text|>", "<|begin_of_text|>", "<|eot_id|>",
+                                 "<|start_header_id|>", "<|end_header_id|>"),
+                        "<|begin_of_text|>", "<|eot_id|>", ("<|end_of_text|>", "<|eot_id|>"),
+                        "llama3.2"),
+    "mistral": ChatFormat(MISTRAL_FIRST, ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
+                          "<s>", "</s>", ("</s>",), "apache-2.0"),
+    "qwen2": ChatFormat(QWEN2, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "",
+                        "<|im_end|>", ("<|endoftext|>", "<|im_end|>"), "apache-2.0"),
+    "qwen3": ChatFormat(QWEN3, ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
+                                "</think>"), "", "<|im_end|>", ("<|endoftext|>", "<|im_end|>"),
+                        "apache-2.0"),
+    "gemma2": ChatFormat(GEMMA2, ("<pad>", "<bos>", "<eos>", "<start_of_turn>",
+                                           "<end_of_turn>"),
+                         "<bos>", "<eos>", ("<eos>", "<end_of_turn>"), "gemma"),
+    "gemma3_text": ChatFormat(GEMMA, ("<pad>", "<bos>", "<eos>", "<start_of_turn>",
+                                      "<end_of_turn>"),
+                              "<bos>", "<eos>", ("<eos>", "<end_of_turn>"), "gemma"),
+    "phi3": ChatFormat(PHI3, ("<unk>", "<s>", "<|endoftext|>", "<|end|>", "<|user|>",
+                              "<|assistant|>", "<|system|>"),
+                       "<s>", "<|endoftext|>", ("<|endoftext|>", "<|assistant|>", "<|end|>"),
+                       "mit"),
+}
+
+
+def write_chat_format(out: Path, tokenizer_from: Path, chat: ChatFormat) -> dict[str, int]:
+    """Write SmolLM2's tokenizer under ``chat``'s special tokens into ``out``; return their ids.
+
+    The byte-level BPE (vocabulary, merges, pre-tokenizer) stays SmolLM2's; only the special
+    tokens are renamed, in ``tokenizer.json``'s added tokens and vocabulary alike.
+    """
+    tokenizer = json.loads((Path(tokenizer_from) / "tokenizer.json").read_text())
+    added = sorted(tokenizer["added_tokens"], key=lambda t: t["id"])
+    vocab = tokenizer["model"]["vocab"]
+    ids: dict[str, int] = {}
+    for token, new in zip(added, chat.tokens, strict=False):
+        vocab[new] = vocab.pop(token["content"])
+        token["content"] = new
+        ids[new] = token["id"]
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    config = json.loads((Path(tokenizer_from) / "tokenizer_config.json").read_text())
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    config.update(bos_token=chat.bos or None, eos_token=chat.eos, pad_token=chat.tokens[0],
+                  unk_token=chat.tokens[0], chat_template=chat.template)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    generation = {"bos_token_id": ids.get(chat.bos), "pad_token_id": ids[chat.tokens[0]],
+                  "eos_token_id": [ids[t] for t in chat.stops]}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return ids
+
+
 def make_tiny_base(family: str, out: Path, tokenizer_from: Path, seed: int = 0,
                    **overrides: Any) -> Path:
     """Save a tiny random ``family`` checkpoint with the tokenizer of ``tokenizer_from``.
 
+    The tokenizer carries the family's chat format (`CHAT_FORMATS`, `write_chat_format`);
     ``overrides`` replace config values (a value of None removes the key, so transformers'
     default applies).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    values = {**COMMON, **FAMILY_CONFIGS[family], **overrides}
+    chat = CHAT_FORMATS[family]
+    ids = {t: i for i, t in enumerate(chat.tokens)}  # write_chat_format puts them on 0, 1, ...
+    specials = {"bos_token_id": ids.get(chat.bos), "eos_token_id": ids[chat.eos],
+                "pad_token_id": ids[chat.tokens[0]]}
+    values = {**COMMON, **specials, **FAMILY_CONFIGS[family], **overrides}
     config = AutoConfig.for_model(family, **{k: v for k, v in values.items() if v is not None})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -64,10 +146,7 @@ def make_tiny_base(family: str, out: Path, tokenizer_from: Path, seed: int = 0,
                 param.add_(torch.randn(param.shape) * 0.1)
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        source = Path(tokenizer_from) / name
-        if source.is_file():
-            shutil.copy(source, out / name)
+    assert write_chat_format(out, tokenizer_from, chat) == ids
     return out
 
 

@@ -88,14 +88,35 @@ def _role_test(var: str) -> str:
     return f"{var}['role'] == 'assistant'"
 
 
+def _marked(match: re.Match[str], names: set[str], var: str) -> str | None:
+    """The generation-marked form of one ``{{ ... }}``, or None if it does not print content."""
+    left, body, right = match.groups()
+    terms = _split_plus(body)
+    index = next((i for i, t in enumerate(terms) if _prints_content(t, names)), None)
+    if index is None:
+        return None
+    before = "+".join(terms[:index])
+    after = "+".join(terms[index:])
+    # Open and close with expressions, never block tags, so that transformers' trim_blocks
+    # and lstrip_blocks see the same neighbours as in the original template.
+    head = f"{{{{{left}{before}}}}}" if before.strip() else f"{{{{{left}''}}}}"
+    rest = "{{" + after + "}}"
+    return (
+        f"{head}{{% if {_role_test(var)} %}}{{% generation %}}{rest}"
+        f"{{% endgeneration %}}{{% else %}}{rest}{{% endif %}}{{{{''{right}}}}}"
+    )
+
+
 def add_generation_markers(template: str) -> str:
     """Return a copy of ``template`` whose assistant content is wrapped in generation blocks.
 
-    The first ``{{ ... }}`` inside the ``for X in messages`` loop whose top-level ``+`` terms
+    Every ``{{ ... }}`` inside the ``for X in messages`` loop whose top-level ``+`` terms
     include ``X['content']`` is split in two: the terms before the content are printed as before,
     and the content plus the terms after it (the end-of-turn token, so the model learns to stop)
     are printed inside ``{% generation %}`` when the message is the assistant's, and plainly
-    otherwise. A template that already has markers is returned unchanged.
+    otherwise. Every one, because templates with a branch per role (Phi-3's) print the
+    assistant's content in its own expression, after the system's and the user's. A template
+    that already has markers is returned unchanged.
 
     Args:
         template: The base tokenizer's chat template.
@@ -113,24 +134,17 @@ def add_generation_markers(template: str) -> str:
         raise _unsupported("it has no `{% for ... in messages %}` loop")
     var = loop.group(1)
     names = _content_names(var)
+    pieces: list[str] = [template[: loop.end()]]
+    position = loop.end()
     for match in _EXPR_RE.finditer(template, loop.end()):
-        left, body, right = match.groups()
-        terms = _split_plus(body)
-        index = next((i for i, t in enumerate(terms) if _prints_content(t, names)), None)
-        if index is None:
-            continue
-        before = "+".join(terms[:index])
-        after = "+".join(terms[index:])
-        # Open and close with expressions, never block tags, so that transformers' trim_blocks
-        # and lstrip_blocks see the same neighbours as in the original template.
-        head = f"{{{{{left}{before}}}}}" if before.strip() else f"{{{{{left}''}}}}"
-        rest = "{{" + after + "}}"
-        replacement = (
-            f"{head}{{% if {_role_test(var)} %}}{{% generation %}}{rest}"
-            f"{{% endgeneration %}}{{% else %}}{rest}{{% endif %}}{{{{''{right}}}}}"
-        )
-        return template[: match.start()] + replacement + template[match.end() :]
-    raise _unsupported(f"no `{{{{ ... }}}}` inside the loop prints {var}['content'] with `+`")
+        replacement = _marked(match, names, var)
+        if replacement is not None:
+            pieces += [template[position : match.start()], replacement]
+            position = match.end()
+    if len(pieces) == 1:
+        raise _unsupported(
+            f"no `{{{{ ... }}}}` inside the loop prints {var}['content'] with `+`")
+    return "".join(pieces) + template[position:]
 
 
 def _unsupported(why: str) -> Unsupported:
@@ -141,12 +155,20 @@ def _unsupported(why: str) -> Unsupported:
     )
 
 
+# Stand-ins for the special tokens a tokenizer passes to its template (Mistral's and Phi-3's
+# concatenate ``eos_token``; undefined, every conversation would look refused).
+_SPECIAL_TOKENS = {"bos_token": "<BOS>", "eos_token": "<EOS>"}
+
+
 def render(template: str, messages: Sequence[dict[str, str]], **kwargs: object) -> str:
-    """Render ``messages`` with ``template`` the way transformers does (its Jinja environment)."""
+    """Render ``messages`` with ``template`` the way transformers does (its Jinja environment).
+
+    ``bos_token``/``eos_token`` default to stand-ins when not given.
+    """
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, _ = render_jinja_template(
-        conversations=[list(messages)], chat_template=template, **kwargs
+        conversations=[list(messages)], chat_template=template, **{**_SPECIAL_TOKENS, **kwargs}
     )
     return rendered[0]
 
@@ -176,6 +198,22 @@ def check_same_rendering(
                     f"the derived template renders sample {i} differently ({a[:60]!r} vs "
                     f"{b[:60]!r})"
                 )
+        if not _marks_every_answer(training, messages):
+            raise _unsupported(f"the derived template does not mark the answers of sample {i}")
+
+
+def _marks_every_answer(training: str, messages: Sequence[dict[str, str]]) -> bool:
+    """True if each assistant message's content lies inside a ``{% generation %}`` block."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, spans = render_jinja_template(
+        conversations=[list(messages)], chat_template=training,
+        return_assistant_tokens_mask=True, **_SPECIAL_TOKENS)
+    text, marked = rendered[0], sorted(spans[0])
+    answers = [m["content"].strip() for m in messages
+               if m.get("role") == "assistant" and m["content"].strip()]
+    blocks = iter(text[s:e] for s, e in marked)
+    return all(any(answer in block for block in blocks) for answer in answers)
 
 
 def refuses(template: str, messages: Sequence[dict[str, str]]) -> bool:
@@ -190,19 +228,16 @@ def refuses(template: str, messages: Sequence[dict[str, str]]) -> bool:
 
 
 def fold_system_turn(template: str, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """Gemma's system-role rule: a template that refuses a system turn gets it folded in.
+    """Gemma's system-role rule: a system turn ``template`` refuses is folded into the first user.
 
     When ``messages`` start with a system turn that ``template`` refuses (Gemma 2's raises
-    "System role not supported"), the system text is put before the first user message with a
-    blank line, which is what Gemma 3's own template does with a system turn. Anything else is
-    returned unchanged.
+    "System role not supported"), `hub.system_turn.fold_system_turn` puts its text before the
+    first user message (the server applies the same rule). Anything else is returned unchanged.
     """
+    from hub.system_turn import fold_system_turn as fold
+    from hub.system_turn import starts_with_system
+
     rows = [dict(m) for m in messages]
-    if not rows or rows[0].get("role") != "system" or not refuses(template, rows):
+    if not starts_with_system(rows) or not refuses(template, rows):
         return rows
-    system, rest = rows[0]["content"], rows[1:]
-    for row in rest:
-        if row.get("role") == "user":
-            row["content"] = f"{system}\n\n{row['content']}"
-            break
-    return rest
+    return fold(rows)
