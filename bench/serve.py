@@ -11,8 +11,10 @@ adapters on every linear layer (all-linear) and 8 on q/k/v/o. Prints:
 - tokens/s for the base, one adapter, mixed over 8 all-linear adapters, mixed over 8 q/k/v/o
   adapters, and single-stream (one request, base and with an adapter), with mixed / one;
 - **efficiency** at batch 1, 16 and 32: the time of the model's matmuls alone (its fused
-  projections and lm_head, ``F.linear`` at that batch and dtype) divided by the measured decode
-  step time, both timed here, interleaved;
+  projections and lm_head, ``F.linear`` at that batch and dtype, on weights of the same shapes)
+  divided by the measured decode step time, both timed here, interleaved; beside it the same
+  matmuls through the engine's own kernel (oneDNN-reordered weights where that measured faster),
+  so the part of a step outside matmuls is visible too;
 - time to first token of a cold adapter (not resident; the first one after start, and a later
   one) minus a warm one's, and the adapter load time;
 - resident memory per adapter: RSS growth per loaded adapter over its file size;
@@ -95,6 +97,12 @@ def efficiency(runner, batches: list[int], repeats: int) -> dict[int, dict[str, 
 
     out = {}
     prompt = list(range(100, 164))
+    # F.linear's reference: dense weights of the engine's shapes, in its dtype.
+    dense = [(name, torch.randn(sum(runner.shapes[name][1]), runner.shapes[name][0],
+                                dtype=runner.dtype) * 0.02)
+             for _ in runner.layers for name in ("qkv", "o", "gate_up", "down")]
+    dense.append(("qkv", torch.randn(runner.vocab_size, runner.shapes["qkv"][0],
+                                     dtype=runner.dtype) * 0.02))
     with torch.inference_mode():
         for n in batches:
             runner.cache.shrink(0)
@@ -106,12 +114,16 @@ def efficiency(runner, batches: list[int], repeats: int) -> dict[int, dict[str, 
                       for name in runner.shapes}
 
             def matmuls(inputs=inputs):
+                for name, w in dense:
+                    F.linear(inputs[name], w)
+
+            def engine_matmuls(inputs=inputs):
                 for layer in runner.layers:
                     for name in ("qkv", "o", "gate_up", "down"):
-                        F.linear(inputs[name], getattr(layer, name).weight)
-                F.linear(inputs["qkv"], runner.lm_head)
+                        getattr(layer, name)(inputs[name])
+                runner.lm_head(inputs["qkv"])
 
-            steps, mms = [], []
+            steps, mms, engine_mms = [], [], []
             for i in range(repeats + 2):
                 started = time.perf_counter()
                 runner.forward(decode, [])
@@ -119,11 +131,17 @@ def efficiency(runner, batches: list[int], repeats: int) -> dict[int, dict[str, 
                 started = time.perf_counter()
                 matmuls()
                 mm = time.perf_counter() - started
+                started = time.perf_counter()
+                engine_matmuls()
+                engine_mm = time.perf_counter() - started
                 if i >= 2:
                     steps.append(step)
                     mms.append(mm)
+                    engine_mms.append(engine_mm)
             step, mm = statistics.median(steps), statistics.median(mms)
-            out[n] = {"step_ms": step * 1e3, "matmul_ms": mm * 1e3, "efficiency": mm / step}
+            engine_mm = statistics.median(engine_mms)
+            out[n] = {"step_ms": step * 1e3, "matmul_ms": mm * 1e3, "efficiency": mm / step,
+                      "engine_matmul_ms": engine_mm * 1e3}
             runner.cache.shrink(0)
     return out
 
@@ -265,8 +283,10 @@ def report(results: dict, args) -> None:
     print(f"mixed / one (q/k/v/o, 8 adapters):    {t['mixed_qkvo'] / t['one_qkvo']:.2f}")
     print(f"one / base (all-linear):              {t['one'] / t['base']:.2f}")
     for n, e in results["efficiency"].items():
-        print(f"efficiency batch {n:>2}: {e['efficiency']:.2f} (matmuls {e['matmul_ms']:.1f} ms"
-              f" / step {e['step_ms']:.1f} ms)")
+        print(f"efficiency batch {n:>2}: {e['efficiency']:.2f} (F.linear matmuls "
+              f"{e['matmul_ms']:.1f} ms / step {e['step_ms']:.1f} ms; the engine's own kernel: "
+              f"{e['engine_matmul_ms']:.1f} ms, {e['engine_matmul_ms'] / e['step_ms']:.2f} "
+              "of the step)")
     tt = results["ttft"]
     first, later = tt["cold_first_s"] - tt["warm_s"], tt["cold_later_s"] - tt["warm_s"]
     print(f"TTFT warm {tt['warm_s'] * 1e3:.0f} ms; a cold adapter adds {first * 1e3:.0f} ms for "

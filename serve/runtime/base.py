@@ -179,6 +179,11 @@ def _compute_dtype(model: Any, base: BaseInfo, base_dtype: str, dtype_name: str,
     """Forced by ``fp32``/``bf16``/``fp16`` or ``compute``; bf16 on CUDA; else measured."""
     import torch
 
+    if device.type == "cpu" and (base_dtype in DENSE_DTYPES or compute != "auto"):
+        forced = ("forced by --base-dtype" if base_dtype in DENSE_DTYPES
+                  else "forced by compute_dtype")
+        choice = DtypeChoice(base_dtype if base_dtype in DENSE_DTYPES else compute, forced)
+        return dtype_choice.add_kernel(choice, model.config)  # kernels give the same numbers
     if base_dtype in DENSE_DTYPES:
         return DtypeChoice(base_dtype, "forced by --base-dtype")
     if compute != "auto":

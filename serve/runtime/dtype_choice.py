@@ -10,6 +10,10 @@ native bf16), on others 2.5-7x faster (AVX512-BF16, AMX). So nothing is assumed.
    sentences through the base's own tokenizer) in fp32 and in bf16; bf16 is chosen only when its
    top-1 token equals fp32's at ``>= MIN_AGREEMENT`` of the positions.
 
+3. **Kernel**: in the chosen dtype, the same shapes are timed at 1 and 16 rows with ``F.linear``
+   and with oneDNN on weights reordered once (`serve.runtime.weights.onednn_pack`, exact: same
+   numbers); the reordered layout is used when it is ``>= MIN_KERNEL_SPEEDUP`` faster.
+
 The result is logged and cached per (CPU flags, torch version, threads, base weights), so later
 starts on the same machine skip the measurement. ``--base-dtype fp32|bf16`` forces a choice.
 
@@ -36,6 +40,9 @@ MIN_AGREEMENT = 0.97
 # bf16 must beat fp32 by this factor on the matmul timing to be considered at all.
 MIN_SPEEDUP = 1.10
 BATCH = 16
+# The oneDNN layout must beat F.linear by this factor (summed over 1 and BATCH rows).
+MIN_KERNEL_SPEEDUP = 1.05
+CACHE_VERSION = 2
 PROBE_TEXTS = (
     "The quick brown fox jumps over the lazy dog. Then it runs into the forest and hides.",
     "Extract the name and age: Ana is 30 years old and lives in Braga, Portugal.",
@@ -53,6 +60,9 @@ class DtypeChoice:
     fp32_ms: float = 0.0
     bf16_ms: float = 0.0
     agreement: float | None = None
+    kernel: str = "linear"  # "linear" (F.linear) or "onednn" (reordered weights)
+    linear_ms: float = 0.0
+    onednn_ms: float = 0.0
     cached: bool = False
 
 
@@ -68,20 +78,34 @@ def cpu_flags() -> str:
 
 
 def time_matmuls(shapes: list[tuple[int, int]], dtype: torch.dtype, rows: int = BATCH,
-                 repeats: int = 5) -> float:
-    """Milliseconds of one ``F.linear`` pass over ``shapes`` (``[(out, in)]``), best of repeats."""
-    import torch
-    import torch.nn.functional as F
+                 repeats: int = 5, kernel: str = "linear") -> float:
+    """Milliseconds of one pass over ``shapes`` (``[(out, in)]``), best of repeats.
 
-    weights = [torch.randn(o, i, dtype=dtype) * 0.02 for o, i in shapes]
+    ``kernel``: ``linear`` (``F.linear``) or ``onednn`` (weights reordered first, not timed);
+    ``inf`` when oneDNN is not available.
+    """
+    import torch
+
+    from serve.runtime.weights import Projection
+
+    projections = [Projection(torch.randn(o, i, dtype=dtype) * 0.02) for o, i in shapes]
+    if kernel == "onednn" and not all(p.pack() for p in projections):
+        return float("inf")
     inputs = [torch.randn(rows, i, dtype=dtype) for _, i in shapes]
     best = float("inf")
     for _ in range(repeats + 1):
         started = time.perf_counter()
-        for w, x in zip(weights, inputs, strict=True):
-            F.linear(x, w)
+        for p, x in zip(projections, inputs, strict=True):
+            p(x)
         best = min(best, time.perf_counter() - started)
     return best * 1e3
+
+
+def choose_kernel(shapes: list[tuple[int, int]], dtype: torch.dtype) -> tuple[str, float, float]:
+    """``(kernel, linear_ms, onednn_ms)``: times summed over a 1-row and a BATCH-row pass."""
+    linear = sum(time_matmuls(shapes, dtype, rows) for rows in (1, BATCH))
+    onednn = sum(time_matmuls(shapes, dtype, rows, kernel="onednn") for rows in (1, BATCH))
+    return ("onednn" if onednn * MIN_KERNEL_SPEEDUP <= linear else "linear"), linear, onednn
 
 
 def probe_agreement(model: Any, tokenizer_path: Path) -> float:
@@ -121,18 +145,12 @@ def choose(model: Any, base_path: Path, weights_id: str, threads: int,
     import torch
 
     key = hashlib.sha256(json.dumps(
-        [cpu_flags(), torch.__version__, threads, weights_id]).encode()).hexdigest()[:24]
+        [CACHE_VERSION, cpu_flags(), torch.__version__, threads, weights_id]).encode()
+    ).hexdigest()[:24]
     cached = _read_cache(cache_dir, key)
     if cached is not None:
         return cached
-    config = model.config
-    hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    inter = int(config.intermediate_size)
-    shapes = [((heads + 2 * kv) * head_dim, hidden), (hidden, heads * head_dim),
-              (2 * inter, hidden), (hidden, inter)] * 4 + [(int(config.vocab_size), hidden)]
+    shapes = model_shapes(model.config)
     fp32_ms = time_matmuls(shapes, torch.float32)
     bf16_ms = time_matmuls(shapes, torch.bfloat16)
     choice = DtypeChoice("fp32", "", fp32_ms, bf16_ms)
@@ -148,7 +166,30 @@ def choose(model: Any, base_path: Path, weights_id: str, threads: int,
         else:
             choice.reason = (f"bf16 is {fp32_ms / bf16_ms:.1f}x faster but top-1 agreement "
                              f"{choice.agreement:.1%} < {MIN_AGREEMENT:.0%}")
+    add_kernel(choice, model.config)
     _write_cache(cache_dir, key, choice)
+    return choice
+
+
+def model_shapes(config: Any) -> list[tuple[int, int]]:
+    """``[(out, in)]`` of four layers' fused projections and the lm_head: what is timed."""
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    inter = int(config.intermediate_size)
+    return [((heads + 2 * kv) * head_dim, hidden), (hidden, heads * head_dim),
+            (2 * inter, hidden), (hidden, inter)] * 4 + [(int(config.vocab_size), hidden)]
+
+
+def add_kernel(choice: DtypeChoice, config: Any) -> DtypeChoice:
+    """Measure the faster matmul kernel in ``choice.dtype`` and record it (and why) in place."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(choice.dtype, torch.float32)
+    choice.kernel, choice.linear_ms, choice.onednn_ms = choose_kernel(model_shapes(config), dtype)
+    choice.reason += (f"; {choice.kernel} kernel (F.linear {choice.linear_ms:.1f} ms, oneDNN "
+                      f"reordered {choice.onednn_ms:.1f} ms, 1 + {BATCH} rows)")
     return choice
 
 

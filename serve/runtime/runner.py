@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from serve.runtime.kv_cache import KVCache
 from serve.runtime.lora import LoraBatch, LoraStack
-from serve.runtime.weights import PROJECTIONS, LayerWeights, build_weights
+from serve.runtime.weights import PROJECTIONS, LayerWeights, Projection, build_weights
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +84,14 @@ class ModelRunner:
         model.to(self.dtype)  # embeddings, final norm and lm_head (the layers were fused)
         self.final_norm = (self.inner.norm.weight.detach().float()
                            + self.spec.norm_offset).to(self.dtype)
-        self.lm_head = model.lm_head.weight
+        self.lm_head = Projection(model.lm_head.weight)
+        choice = base.dtype_choice
+        self.kernel = "linear"
+        if choice is not None and choice.kernel == "onednn":
+            # The embedding keeps its (tied) weight; the lm_head gets its own reordered copy.
+            projections = [getattr(layer, name) for layer in self.layers for name in PROJECTIONS]
+            if all(p.pack() for p in [*projections, self.lm_head]):
+                self.kernel = "onednn"
         softcap_attr = self.spec.final_softcap_attr
         self.final_softcap = getattr(model.config, softcap_attr, None) if softcap_attr else None
         self.cache = KVCache(
@@ -94,7 +101,6 @@ class ModelRunner:
         )
         self.shapes = {name: (w.in_features[name], [size for _, size in w.parts[name]])
                        for name in PROJECTIONS}
-        self.offsets = {name: [offset for offset, _ in w.parts[name]] for name in PROJECTIONS}
         self.lora = LoraStack(self.shapes, max_adapters, dtype=lora_dtype or self.dtype,
                               device=self.device)
         self._plan: LoraBatch | None = None
@@ -200,7 +206,7 @@ class ModelRunner:
             self.cache.lengths[row] = start + size
         if len(lasts) != x.shape[0]:
             x = x.index_select(0, torch.tensor(lasts, device=self.device))
-        logits = torch.nn.functional.linear(self._norm(x, self.final_norm), self.lm_head)
+        logits = self.lm_head(self._norm(x, self.final_norm))
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()
@@ -212,7 +218,7 @@ class ModelRunner:
                  plan: LoraBatch) -> torch.Tensor:
         out = projection(x)
         if not plan.empty:
-            self.lora.apply((i, name), x, out, plan, self.offsets[name])
+            self.lora.apply((i, name), x, out, plan)
         return out
 
     def _attention(self, i: int, layer: LayerWeights, qkv: torch.Tensor, table, masks: _Masks,
@@ -236,7 +242,8 @@ class ModelRunner:
             keys, values = self.cache.write_decode(i, masks.flat_index, k[:n], v[:n],
                                                    masks.decode_len)
             query = q[:n].view(n, kv_heads, self.groups, d)
-            outs.append(_attend(query, keys, values, masks.decode(layer.window), layer)
+            mask = masks.decode(layer.window, additive=layer.softcap is None)
+            outs.append(_attend(query, keys, values, mask, layer)
                         .reshape(n, heads * d))
         offset = n
         for c, ((row, _, start, _), size) in enumerate(zip(chunks, sizes, strict=True)):
@@ -260,7 +267,8 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             with ``gqa`` (prefill).
         keys: Keys ``[b, kv_heads, L, d]``.
         values: Values, same shape.
-        mask: Boolean, True where attending, broadcastable to the scores; None: causal.
+        mask: Boolean (True where attending) or additive (SDPA only), broadcastable to the
+            scores; None: causal.
         layer: Its scaling and soft-cap.
         gqa: The query has all heads (prefill); kv heads are shared by ``heads // kv_heads``.
     """
@@ -299,20 +307,31 @@ class _Masks:
         self.decode_pos = decode_pos
         self.decode_len = (max(decode.positions) + 1) if decode is not None else 0
         self.flat_index = runner.cache.flat_index(decode_pos) if decode is not None else None
-        self._decode: dict[int | None, torch.Tensor] = {}
+        self.dtype = runner.dtype
+        self._decode: dict[tuple[int | None, bool], torch.Tensor] = {}
         self._prefill: dict[tuple[int, int | None], torch.Tensor | None] = {}
 
-    def decode(self, window: int | None) -> torch.Tensor:
-        """``[n, 1, 1, L]``: key ``j`` visible to row ``i`` (``j <= pos_i``, in the window)."""
-        mask = self._decode.get(window)
+    def decode(self, window: int | None, additive: bool = False) -> torch.Tensor:
+        """``[n, 1, 1, L]``: key ``j`` visible to row ``i`` (``j <= pos_i``, in the window).
+
+        ``additive``: as ``0`` / ``-inf`` in the compute dtype, built once per step: SDPA turns
+        a boolean mask into that on every call (measured 5-10 % of its time at decode sizes).
+        """
+        mask = self._decode.get((window, additive))
         if mask is None:
             torch = self.torch
-            keys = torch.arange(self.decode_len, device=self.device)[None, :]
-            pos = self.decode_pos[:, None]
-            mask = keys <= pos
-            if window:
-                mask &= keys > pos - window
-            mask = self._decode[window] = mask[:, None, None, :]
+            if additive:
+                visible = self.decode(window)
+                mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+                mask.masked_fill_(~visible, float("-inf"))
+            else:
+                keys = torch.arange(self.decode_len, device=self.device)[None, :]
+                pos = self.decode_pos[:, None]
+                mask = keys <= pos
+                if window:
+                    mask &= keys > pos - window
+                mask = mask[:, None, None, :]
+            self._decode[(window, additive)] = mask
         return mask
 
     def prefill(self, c: int, window: int | None) -> torch.Tensor | None:
