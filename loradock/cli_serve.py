@@ -78,6 +78,18 @@ def serve(
              "Replicas then need no shared volume.")] = None,
     ui: Annotated[bool, typer.Option(
         "--ui/--no-ui", help="Serve the web console at / (hub, cards, playground).")] = True,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Scale out on Ray Serve (pip install 'loradock[ray]'): the same API in "
+             "front of engine replicas routed by adapter (model multiplexing, --max-adapters "
+             "per replica); RAY_ADDRESS picks the cluster. No console.")] = False,
+    replicas: Annotated[int, typer.Option(
+        help="With --ray: engine replicas (the minimum when --max-replicas is set).")] = 1,
+    max_replicas: Annotated[int, typer.Option(
+        help="With --ray: autoscale up to this many replicas on ongoing requests.")] = 0,
+    replica_cpus: Annotated[float, typer.Option(
+        help="With --ray: CPUs each engine replica reserves.")] = 1.0,
+    ray_config: Annotated[Path | None, typer.Option(
+        help="With --ray: write the `serve run` config YAML here and exit.")] = None,
 ) -> None:
     """Serve the base and every hub adapter with an OpenAI-compatible API.
 
@@ -95,8 +107,19 @@ def serve(
         api_keys=api_keys, request_timeout_s=request_timeout_s, drain_timeout_s=drain_timeout_s,
         max_body_bytes=max_body_kb * 1024, engine_options=_options(engine_option or []),
         remote=remote,
-        log_level=log_level, ui=ui,
+        log_level=log_level, ui=ui and not ray,
     )
+    if ray:  # imported only here: the default install never imports ray
+        from serve.ray.app import RaySettings, run_ray, write_config
+
+        layout = RaySettings(replicas=replicas, max_replicas=max_replicas,
+                             replica_cpus=replica_cpus)
+        if ray_config is not None:
+            layout.check()
+            print(write_config(ray_config, config, layout))
+            return
+        run_ray(config, layout)
+        return
     run_server(config)
 
 

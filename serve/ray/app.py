@@ -77,6 +77,19 @@ class RaySettings:
             raise InvalidInput("; ".join(problems), param="replicas")
 
 
+def require_ray() -> None:
+    """Raise a clear error when the ``ray`` extra is not installed.
+
+    Raises:
+        InvalidInput: No ``ray[serve]`` in this environment.
+    """
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise InvalidInput("--ray needs Ray Serve, which is not installed",
+                           fix="pip install 'loradock[ray]'", param="ray") from None
+
+
 def settings_dict(config: ServerConfig, ray_settings: RaySettings) -> dict[str, Any]:
     """Plain data (YAML/JSON-safe) both deployments are built from."""
     server = dataclasses.asdict(config)
@@ -89,6 +102,7 @@ def settings_dict(config: ServerConfig, ray_settings: RaySettings) -> dict[str, 
 
 def app_builder(args: dict[str, Any]) -> Any:
     """The ``serve run`` entry point: ``import_path: serve.ray.app:app_builder``."""
+    require_ray()
     from ray import serve
 
     from serve.ray.ingress import Ingress
@@ -151,6 +165,7 @@ def run_ray(config: ServerConfig, ray_settings: RaySettings) -> None:
     """
     config.check()
     ray_settings.check()
+    require_ray()
     import ray
     from ray import serve
 

@@ -10,7 +10,9 @@ request for an id on a replica loads it through `EngineReplica.adapter` (``@serv
 at most ``max_adapters`` per replica): a lazy, pinned, digest-checked pull into the replica's
 store, a check that the copy is the content the id names, then `Engine.load_adapter`. When Ray's
 LRU evicts an id, it awaits the returned `ResidentAdapter`'s ``__del__``, which unloads it from
-the engine (an adapter still in use stays until the engine's own LRU drains it).
+the engine and, with a remote, removes the copy from the replica's store, so its disk holds what
+its memory holds and a reload is one verified pull (an adapter still in use stays, in memory
+and on disk, until the engine's own LRU drains it).
 
 Stream items: first a dict ``{"replica", "resident", "load_s"}``, then `TokenChunk` objects; a
 domain error is sent as ``{"error": {...}}`` (rebuilt by the ingress) instead of being pickled.
@@ -75,6 +77,7 @@ class EngineReplica:
         home = Path(server["home"]) if server.get("home") else default_home()
         remote = server.get("remote")
         cache = os.environ.get("LORADOCK_CACHE") or str(home / "cache")
+        self.private_store = bool(remote)
         if remote:  # a store of its own: nothing here that the remote cannot rebuild
             self.store = Store(home / "ray-replicas" / self.replica_id, Path(cache), remote=remote)
         else:  # no remote: the node's store, shared by the replicas on it
@@ -129,6 +132,9 @@ class EngineReplica:
         except Conflict:  # requests still use it; the engine's own LRU drains it later
             log.info("replica %s: %s evicted by Ray while in use", self.replica_id,
                      adapter_key(record))
+            return
+        if self.private_store:  # the disk holds what memory holds; the remote backs both
+            await asyncio.to_thread(self.store.remove, record.name, record.version)
 
     def _header(self, load_s: float) -> dict[str, Any]:
         return {"replica": self.replica_id, "load_s": load_s, "loads": self.loads,
