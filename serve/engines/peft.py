@@ -56,6 +56,9 @@ class PeftOptions:
             CUDA: bf16), or ``fp32``/``bf16`` to force it for ``nf4``/``nf4-dense``/``auto``
             weights (``--base-dtype fp32|bf16|fp16`` forces both weights and compute).
         lora_dtype: ``compute`` (LoRA weights and deltas in the compute dtype) or ``fp32``.
+        host_adapters: Evicted adapters kept in host memory, so reloading one is a copy rather
+            than reading and converting its files (`serve.runtime.adapter_cache`); 0 turns it
+            off. Default: as many as ``--max-adapters``.
     """
 
     request_timeout_s: float = 600.0
@@ -64,6 +67,7 @@ class PeftOptions:
     verify_adapters: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     lora_dtype: Literal["compute", "fp32"] = "compute"
+    host_adapters: int = -1
 
     @classmethod
     def parse(cls, options: dict[str, Any]) -> PeftOptions:
@@ -87,6 +91,8 @@ class PeftOptions:
                             f"{opts.compute_dtype!r}")
         if opts.lora_dtype not in ("compute", "fp32"):
             problems.append(f"lora_dtype must be compute or fp32, got {opts.lora_dtype!r}")
+        if not isinstance(opts.host_adapters, int) or opts.host_adapters < -1:
+            problems.append(f"host_adapters must be an int >= 0, got {opts.host_adapters!r}")
         if problems:
             raise InvalidInput("Bad peft engine options: " + "; ".join(problems),
                                fix=f"Known options: {', '.join(sorted(known))}.",
@@ -213,7 +219,9 @@ class PeftEngine:
                                 dtype=runner.lora.dtype, verify=opts.verify_adapters)
 
         warm_up(runner, min(WARM_RANK, cfg.max_lora_rank))
-        cache = AdapterCache(runner.lora, cfg.max_adapters, reader, step_lock)
+        host = cfg.max_adapters if opts.host_adapters < 0 else opts.host_adapters
+        cache = AdapterCache(runner.lora, cfg.max_adapters, reader, step_lock,
+                             host_capacity=host)
         scheduler = Scheduler(
             runner, cache, step_lock, max_running=cfg.max_running, max_queue=cfg.max_queue,
             prefill_chunk=opts.prefill_chunk, request_timeout_s=float(opts.request_timeout_s),
@@ -334,6 +342,7 @@ class PeftEngine:
         cache = self._cache
         if cache is not None:
             data.update(adapter_loads=cache.loads, adapter_evictions=cache.evictions,
+                        adapter_host_hits=cache.host_hits,
                         adapter_load_s_total=cache.load_s_total,
                         adapters_resident=len(cache.keys()),
                         lora_stack_bytes=cache.stack.nbytes())

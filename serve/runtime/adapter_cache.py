@@ -8,6 +8,11 @@ a free slot, or the slot of the least recently used adapter that no running sequ
 Pinned adapters are never evicted; unloading one raises `hub.errors.Conflict`. Adapters that
 waiting requests need are not evicted either (``protected``), so loads cannot thrash.
 
+Host tier (LoRAX's and S-LoRA's idea, on CPU): an evicted adapter's pool rows are kept in host
+memory for the ``host_capacity`` most recently evicted ones, so reloading it is a copy of a few
+MB under the step lock instead of reading, checking and converting its files again (the files
+were verified on the first load; a version never changes, see `hub.store`).
+
 Locks: ``lock`` (this cache's state) is always taken after ``step_lock`` (the scheduler's
 forward pass), so installing weights never races a forward pass that reads the stack.
 
@@ -30,7 +35,7 @@ from serve.engine import adapter_key
 
 if TYPE_CHECKING:
     from hub.store import AdapterRecord
-    from serve.runtime.lora import AdapterWeights, LoraStack
+    from serve.runtime.lora import AdapterCopy, AdapterWeights, LoraStack
 
 
 def _trim_heap() -> None:
@@ -78,6 +83,7 @@ class AdapterCache:
         reader: Callable[[AdapterRecord], AdapterWeights],
         step_lock: threading.Lock,
         on_loaded: Callable[[], None] | None = None,
+        host_capacity: int = 0,
     ) -> None:
         """Create an empty cache.
 
@@ -87,6 +93,7 @@ class AdapterCache:
             reader: Reads a record's files into weights (runs on the loader thread).
             step_lock: Held by the scheduler around each forward pass.
             on_loaded: Called (on the loader thread) after each load finishes or fails.
+            host_capacity: Evicted adapters kept in host memory for fast reloads (0: none).
         """
         self.stack = stack
         self.capacity = capacity
@@ -96,6 +103,9 @@ class AdapterCache:
         self.lock = threading.RLock()
         self._resident: OrderedDict[str, Resident] = OrderedDict()  # least recent first
         self._loading: dict[str, Future[Resident]] = {}
+        self.host_capacity = host_capacity
+        self._host: OrderedDict[str, AdapterCopy] = OrderedDict()  # least recent first
+        self.host_hits = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
         # Keys that waiting requests need: not evicted, so a fresh load is not thrown out before
         # its requests are admitted (replaced as a whole by the scheduler each step).
@@ -180,13 +190,21 @@ class AdapterCache:
     def _load(self, record: AdapterRecord) -> Resident:
         key = adapter_key(record)
         started = time.perf_counter()
+        weights = None
         try:
-            weights = self.reader(record)
+            with self.lock:
+                copy = self._host.pop(key, None)
+            if copy is None:
+                weights = self.reader(record)
             with self.step_lock, self.lock:
                 self._make_room(key)
-                slot = self.stack.install(weights)
+                if copy is not None:
+                    slot, nbytes = self.stack.restore(copy), copy.nbytes
+                    self.host_hits += 1
+                else:
+                    slot, nbytes = self.stack.install(weights), weights.nbytes
                 load_s = time.perf_counter() - started
-                entry = Resident(key, record, slot, load_s, weights.nbytes)
+                entry = Resident(key, record, slot, load_s, nbytes)
                 self._resident[key] = entry
                 self.loads += 1
                 self.load_s_total += load_s
@@ -196,8 +214,9 @@ class AdapterCache:
                 self._loading.pop(key, None)
             if self.on_loaded is not None:
                 self.on_loaded()
-            weights = None
-            _trim_heap()  # the file bytes and fp32 copies are freed: give the pages back
+            if weights is not None:
+                weights = None
+                _trim_heap()  # the file bytes and fp32 copies are freed: give the pages back
 
     def _make_room(self, key: str) -> None:
         if len(self._resident) < self.capacity:
@@ -212,13 +231,17 @@ class AdapterCache:
             fix="Retry when requests finish, or start the server with a larger --max-adapters.",
         )
 
-    def _evict(self, entry: Resident) -> None:
+    def _evict(self, entry: Resident, keep_host: bool = True) -> None:
+        if keep_host and self.host_capacity > 0:
+            self._host[entry.key] = self.stack.snapshot(entry.slot)
+            while len(self._host) > self.host_capacity:
+                self._host.popitem(last=False)
         self.stack.clear(entry.slot)
         del self._resident[entry.key]
         self.evictions += 1
 
     def unload(self, key: str) -> bool:
-        """Evict ``key`` now.
+        """Evict ``key`` now (no host copy kept).
 
         Returns:
             False if it was not resident.
@@ -236,7 +259,7 @@ class AdapterCache:
                     fix="Retry when they finish.",
                     param="name",
                 )
-            self._evict(entry)
+            self._evict(entry, keep_host=False)  # asked for: its memory is given back
             return True
 
     def close(self) -> None:

@@ -70,6 +70,27 @@ class AdapterWeights:
 
 
 @dataclass
+class AdapterCopy:
+    """One adapter's rows of its pool, copied out (``{key: (A^T, block-diagonal B^T)}``)."""
+
+    rank: int
+    rows: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for a, b in self.rows.values())
+
+
+def torch_zeros_like_pool(capacity: int, row: torch.Tensor) -> torch.Tensor:
+    """A zeroed ``[capacity, *row.shape]`` pool tensor (untouched slots cost no memory)."""
+    import torch
+
+    return torch.zeros(capacity, *row.shape, dtype=row.dtype, device=row.device)
+
+
+@dataclass
 class Pool:
     """All resident adapters of one rank."""
 
@@ -182,6 +203,28 @@ class LoraStack:
         pool.free.append(index)
         pool.free.sort()
         self.generation += 1
+
+    def snapshot(self, slot: int) -> AdapterCopy:
+        """Copies of ``slot``'s pool rows (for a host-memory tier; restored by `restore`)."""
+        pool, index = self.pools[slot // SLOT_BASE], slot % SLOT_BASE
+        rows = {key: (pool.at[key][index].clone(), pool.bt[key][index].clone())
+                for key, indices in pool.targets.items() if index in indices}
+        return AdapterCopy(pool.rank, rows)
+
+    def restore(self, copy: AdapterCopy) -> int:
+        """Install a `snapshot` into a free index of its rank's pool; return the slot."""
+        weights = AdapterWeights({}, copy.rank)
+        slot = self.install(weights)  # creates the pool if needed, takes a free index
+        pool, index = self.pools[copy.rank], slot % SLOT_BASE
+        for key, (at, bt) in copy.rows.items():
+            if key not in pool.at:
+                pool.at[key] = torch_zeros_like_pool(pool.capacity, at)
+                pool.bt[key] = torch_zeros_like_pool(pool.capacity, bt)
+                pool.targets[key] = set()
+            pool.at[key][index].copy_(at)
+            pool.bt[key][index].copy_(bt)
+            pool.targets[key].add(index)
+        return slot
 
     def has_room(self, rank: int) -> bool:
         """True when an adapter of ``rank`` can be installed without evicting."""

@@ -190,6 +190,28 @@ def test_lru_eviction_and_pinning(base_info, store, adapter_factory, prompts):
         run(engine.shutdown(drain_timeout_s=5))
 
 
+def test_evicted_adapter_reloads_from_host_memory_with_the_same_output(
+        base_info, store, adapter_factory, prompts):
+    recs = {n: store.register(adapter_factory(seed=40 + i, r=4, scale=0.3), n)
+            for i, n in enumerate("ab")}
+    engine = start_engine(base_info, max_adapters=1)
+    try:
+        async def go():
+            first, _ = await collect(engine, request(prompts[1], recs["a"]))
+            await collect(engine, request(prompts[1], recs["b"]))  # evicts a into host memory
+            assert engine.stats()["adapter_host_hits"] == 0
+            again, _ = await collect(engine, request(prompts[1], recs["a"]))  # a copy back
+            assert engine.stats()["adapter_host_hits"] == 1
+            assert again == first
+            assert await engine.unload_adapter("a@1") is True  # asked for: no copy kept
+            await collect(engine, request(prompts[1], recs["a"]))
+            assert engine.stats()["adapter_host_hits"] == 1
+
+        run(go())
+    finally:
+        run(engine.shutdown(drain_timeout_s=5))
+
+
 def test_overloaded_abort_and_drain(base_info, store, prompts):
     engine = start_engine(base_info, max_running=1, max_queue=1)
     try:
