@@ -70,12 +70,14 @@ class Constraint:
             which the peft engine narrows to `JSON_OBJECT_EBNF`).
         compiled: The xgrammar ``CompiledGrammar``.
         vocab_size: Columns of the model's logits the grammar knows (the mask's width).
+        strict: The ``strict`` it was compiled with (to compile it again in another process).
     """
 
     kind: str
     schema: dict[str, Any]
     compiled: Any
     vocab_size: int
+    strict: bool = True
 
     def new_matcher(self) -> Matcher:
         """A fresh matcher for one sequence."""
@@ -185,7 +187,7 @@ class Grammars:
                     "lookaround).",
                 param=param,
             ) from None
-        constraint = Constraint(kind, schema, compiled, self.vocab_size)
+        constraint = Constraint(kind, schema, compiled, self.vocab_size, strict)
         with self._lock:
             self._cache[key] = constraint
             while len(self._cache) > _CACHE_SIZE:

@@ -141,11 +141,24 @@ def build_app(config: ServerConfig, ray_settings: RaySettings | None = None) -> 
 
 
 def write_config(path: Path, config: ServerConfig, ray_settings: RaySettings) -> Path:
-    """Write a ``serve run`` / ``RayService`` config file for this application."""
+    """Write a ``serve run`` / ``RayService`` config file for this application.
+
+    ``--api-keys`` names the file's path where the replicas run (it need not exist here).
+
+    Raises:
+        InvalidInput: A non-local ``--host`` without ``--api-keys``.
+    """
     import yaml
 
+    from serve.server import LOCAL_HOSTS
+
+    if config.api_keys is None and config.host not in LOCAL_HOSTS:
+        raise InvalidInput(f"--host {config.host} without --api-keys: an open server may only "
+                           f"bind {', '.join(LOCAL_HOSTS)}", fix="Pass --api-keys PATH (the "
+                           "keys file's path inside the Ray containers).", param="host")
+
     settings = settings_dict(config, ray_settings)
-    settings["server"]["home"] = settings["server"]["home"] or None
+    settings["server"]["cache"] = None  # this machine's folders stay out of a published file
     document = {
         "proxy_location": "EveryNode",
         "http_options": {"host": config.host, "port": config.port},

@@ -18,6 +18,7 @@ replicas'.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -126,6 +127,12 @@ class RayEngine:
         from serve.ray.catalog import content_id
 
         model_id = content_id(request.adapter) if request.adapter is not None else ""
+        constraint = request.params.constraint
+        if constraint is not None:  # compiled grammars do not pickle: the replica recompiles
+            spec = {"kind": constraint.kind, "schema": constraint.schema,
+                    "strict": constraint.strict}
+            request = dataclasses.replace(
+                request, params=dataclasses.replace(request.params, constraint=spec))
         response = self._handle.options(stream=True, multiplexed_model_id=model_id
                                         ).generate.remote(request)
         self._inflight[request.request_id] = response

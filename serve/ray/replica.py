@@ -83,6 +83,8 @@ class EngineReplica:
         else:  # no remote: the node's store, shared by the replicas on it
             self.store = Store(home, Path(cache))
         base = await asyncio.to_thread(self.store.base, server["base"])
+        self.base = base
+        self._formatter: Any = None  # tokenizer for recompiling constraints, at first use
         self.loads = 0
         self.evictions = 0
         config = EngineConfig(
@@ -136,6 +138,18 @@ class EngineReplica:
         if self.private_store:  # the disk holds what memory holds; the remote backs both
             await asyncio.to_thread(self.store.remove, record.name, record.version)
 
+    def _constraint(self, spec: dict[str, Any]) -> Any:
+        """Compile the ingress's constraint again here (xgrammar's grammars do not pickle)."""
+        if self._formatter is None:
+            from serve.chat import Formatter
+
+            self._formatter = Formatter(self.base)
+        grammars = self._formatter.grammars
+        if spec["kind"] == "json_object":
+            return grammars.json_object()
+        return grammars.json_schema(spec["schema"], param="response_format",
+                                    strict=bool(spec["strict"]))
+
     def _header(self, load_s: float) -> dict[str, Any]:
         return {"replica": self.replica_id, "load_s": load_s, "loads": self.loads,
                 "evictions": self.evictions,
@@ -152,6 +166,9 @@ class EngineReplica:
                 resident = await self._multiplexed(model_id)
                 request.adapter = resident.record
             load_s = time.monotonic() - started if model_id else 0.0
+            if isinstance(request.params.constraint, dict):
+                request.params.constraint = await asyncio.to_thread(
+                    self._constraint, request.params.constraint)
             stream = self.engine.generate(request)
             yield self._header(load_s)
             first = True

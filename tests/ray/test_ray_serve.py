@@ -8,6 +8,7 @@ rather than assuming where Ray put an adapter.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from tests.ray.conftest import MAX_ONGOING, WEIGHTS, wait_ready
 pytestmark = pytest.mark.timeout(600)
 HEADER = "x-loradock-replica"
 ASK = [{"role": "user", "content": "Name a colour."}]
+NO_END = {"0": -100, "2": -100}  # SmolLM2's <|endoftext|> and <|im_end|>: run to max_tokens
 
 
 def chat(url: str, model: str, max_tokens: int = 4, **extra) -> httpx.Response:
@@ -121,6 +123,13 @@ def test_openai_client_stream_and_non_stream_and_metrics(ray_app):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert whole.choices[0].message.content == streamed and streamed
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}},
+              "required": ["colour"], "additionalProperties": False}
+    shaped = client.chat.completions.create(  # the grammar is compiled again on the replica
+        model="smollm2+beta@1", messages=ASK, max_tokens=32, temperature=0,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "c", "schema": schema, "strict": True}})
+    assert json.loads(shaped.choices[0].message.content)["colour"] in ("red", "blue")
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="smollm2+ghost", messages=ASK, max_tokens=2)
     assert missing.value.code == "model_not_found"
@@ -176,11 +185,12 @@ def test_tampered_deleted_or_moved_remote_content_is_an_error_not_stale_output(r
     busy = sorted(held[other] - held[holder])
     assert busy, held
     with ThreadPoolExecutor(MAX_ONGOING) as pool:
-        long = [pool.submit(chat, url, f"smollm2+{busy[0]}", 160) for _ in range(MAX_ONGOING)]
+        long = [pool.submit(chat, url, f"smollm2+{busy[0]}", 160, logit_bias=NO_END)
+                for _ in range(MAX_ONGOING)]
         time.sleep(1.5)
         refused = chat(url, "smollm2+moving@1")
         assert all(f.result().status_code == 200 for f in long)
-    assert refused.status_code == 500, refused.text
+    assert refused.status_code == 500, (refused.headers.get(HEADER), holder, refused.text)
     assert refused.json()["error"]["code"] == "store_corrupt"
     assert "moved" in refused.json()["error"]["message"]
     outcomes = []
