@@ -55,7 +55,9 @@ class PeftOptions:
         compute_dtype: ``auto`` (CPU: measured at start, see `serve.runtime.dtype_choice`;
             CUDA: bf16), or ``fp32``/``bf16`` to force it for ``nf4``/``nf4-dense``/``auto``
             weights (``--base-dtype fp32|bf16|fp16`` forces both weights and compute).
-        lora_dtype: ``compute`` (LoRA weights and deltas in the compute dtype) or ``fp32``.
+        lora_dtype: ``auto`` (CPU: the faster of the compute dtype and fp32, measured at start
+            with the compute dtype; CUDA: the compute dtype), ``compute`` (LoRA weights and
+            deltas in the compute dtype) or ``fp32``.
         host_adapters: Evicted adapters kept in host memory, so reloading one is a copy rather
             than reading and converting its files (`serve.runtime.adapter_cache`); 0 turns it
             off. Default: as many as ``--max-adapters``.
@@ -66,7 +68,7 @@ class PeftOptions:
     kv_initial_len: int = 256
     verify_adapters: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    lora_dtype: Literal["compute", "fp32"] = "compute"
+    lora_dtype: Literal["auto", "compute", "fp32"] = "auto"
     host_adapters: int = -1
 
     @classmethod
@@ -89,8 +91,9 @@ class PeftOptions:
         if opts.compute_dtype not in ("auto", "fp32", "bf16"):
             problems.append(f"compute_dtype must be auto, fp32 or bf16, got "
                             f"{opts.compute_dtype!r}")
-        if opts.lora_dtype not in ("compute", "fp32"):
-            problems.append(f"lora_dtype must be compute or fp32, got {opts.lora_dtype!r}")
+        if opts.lora_dtype not in ("auto", "compute", "fp32"):
+            problems.append(f"lora_dtype must be auto, compute or fp32, got "
+                            f"{opts.lora_dtype!r}")
         if not isinstance(opts.host_adapters, int) or opts.host_adapters < -1:
             problems.append(f"host_adapters must be an int >= 0, got {opts.host_adapters!r}")
         if problems:
@@ -208,7 +211,10 @@ class PeftEngine:
         torch.set_num_threads(self._threads)
         base = load_base(cfg.base, cfg.base_dtype, cfg.device, cfg.max_model_len,
                          compute=opts.compute_dtype)
-        lora_dtype = {"compute": None, "fp32": torch.float32}[opts.lora_dtype]
+        lora = opts.lora_dtype
+        if lora == "auto":  # measured with the compute dtype (serve.runtime.dtype_choice)
+            lora = base.dtype_choice.lora if base.dtype_choice is not None else "compute"
+        lora_dtype = {"compute": None, "fp32": torch.float32}[lora]
         runner = ModelRunner(base, max_running=cfg.max_running, max_adapters=cfg.max_adapters,
                              kv_initial_len=opts.kv_initial_len, lora_dtype=lora_dtype)
         step_lock = threading.Lock()

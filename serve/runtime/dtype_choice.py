@@ -11,8 +11,13 @@ native bf16), on others 2.5-7x faster (AVX512-BF16, AMX). So nothing is assumed.
    top-1 token equals fp32's at ``>= MIN_AGREEMENT`` of the positions.
 
 3. **Kernel**: in the chosen dtype, the same shapes are timed at 1 and 16 rows with ``F.linear``
-   and with oneDNN on weights reordered once (`serve.runtime.weights.onednn_pack`, exact: same
-   numbers); the reordered layout is used when it is ``>= MIN_KERNEL_SPEEDUP`` faster.
+   and with oneDNN on weights reordered once (`serve.runtime.weights.onednn_pack`; the same
+   numbers in bf16, summation-order rounding in fp32); the reordered layout is used when it
+   is ``>= MIN_KERNEL_SPEEDUP`` faster.
+4. **LoRA dtype**: the LoRA path itself (`serve.runtime.lora.LoraStack`, one layer's four
+   projections, rank 16) is timed for one adapter at 1 and 16 rows and for 16 rows over 8
+   adapters, with the pool in the compute dtype and in fp32; fp32 is used when faster (small
+   bf16 GEMMs carry a large fixed cost on some CPUs: 3.5x slower than fp32 at one row here).
 
 The result is logged and cached per (CPU flags, torch version, threads, base weights), so later
 starts on the same machine skip the measurement. ``--base-dtype fp32|bf16`` forces a choice.
@@ -63,6 +68,9 @@ class DtypeChoice:
     kernel: str = "linear"  # "linear" (F.linear) or "onednn" (reordered weights)
     linear_ms: float = 0.0
     onednn_ms: float = 0.0
+    lora: str = "compute"  # "compute" (the compute dtype) or "fp32"
+    lora_compute_ms: float = 0.0
+    lora_fp32_ms: float = 0.0
     cached: bool = False
 
 
@@ -182,14 +190,58 @@ def model_shapes(config: Any) -> list[tuple[int, int]]:
             (2 * inter, hidden), (hidden, inter)] * 4 + [(int(config.vocab_size), hidden)]
 
 
+def time_lora(config: Any, dtype: torch.dtype, compute: torch.dtype, repeats: int = 5) -> float:
+    """Milliseconds of the LoRA path of one layer: one adapter at 1 and BATCH rows, mixed."""
+    import torch
+
+    from serve.runtime.lora import AdapterWeights, LoraStack
+
+    (qkv, hidden), (_, q), (gate_up, _), (_, inter) = model_shapes(config)[:4]
+    kv = (qkv - q) // 2
+    shapes = {"qkv": (hidden, [q, kv, kv]), "o": (q, [hidden]),
+              "gate_up": (hidden, [gate_up // 2, gate_up // 2]), "down": (inter, [hidden])}
+    rank, adapters = 16, 8
+    stack = LoraStack(shapes, adapters, dtype=dtype)
+    offsets = {name: [sum(sizes[:i]) for i in range(len(sizes))]
+               for name, (_, sizes) in shapes.items()}
+    slots = [stack.install(AdapterWeights(
+        {(0, name): (torch.randn(len(sizes) * rank, in_f) * 0.01,
+                     [torch.randn(rank, size) * 0.01 for size in sizes])
+         for name, (in_f, sizes) in shapes.items()}, rank)) for _ in range(adapters)]
+    cases = [[slots[0]], [slots[0]] * BATCH, [slots[i % adapters] for i in range(BATCH)]]
+    total = 0.0
+    for row_slots in cases:
+        plan = stack.plan(row_slots)
+        rows = len(row_slots)
+        inputs = {name: torch.randn(rows, in_f, dtype=compute) for name, (in_f, _) in
+                  shapes.items()}
+        outs = {name: torch.zeros(rows, sum(sizes), dtype=compute) for name, (_, sizes) in
+                shapes.items()}
+        best = float("inf")
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            for name in shapes:
+                stack.apply((0, name), inputs[name], outs[name], plan, offsets[name])
+            best = min(best, time.perf_counter() - started)
+        total += best
+    return total * 1e3
+
+
 def add_kernel(choice: DtypeChoice, config: Any) -> DtypeChoice:
-    """Measure the faster matmul kernel in ``choice.dtype`` and record it (and why) in place."""
+    """Measure the faster matmul kernel and LoRA dtype for ``choice.dtype`` (in place)."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(choice.dtype, torch.float32)
     choice.kernel, choice.linear_ms, choice.onednn_ms = choose_kernel(model_shapes(config), dtype)
     choice.reason += (f"; {choice.kernel} kernel (F.linear {choice.linear_ms:.1f} ms, oneDNN "
                       f"reordered {choice.onednn_ms:.1f} ms, 1 + {BATCH} rows)")
+    if dtype != torch.float32:
+        choice.lora_compute_ms = time_lora(config, dtype, dtype)
+        choice.lora_fp32_ms = time_lora(config, torch.float32, dtype)
+        choice.lora = "fp32" if choice.lora_fp32_ms * MIN_KERNEL_SPEEDUP <= \
+            choice.lora_compute_ms else "compute"
+        choice.reason += (f"; LoRA in {choice.lora} ({choice.dtype} {choice.lora_compute_ms:.1f}"
+                          f" ms, fp32 {choice.lora_fp32_ms:.1f} ms per layer)")
     return choice
 
 

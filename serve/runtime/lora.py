@@ -2,13 +2,11 @@
 
 The runner's projections are fused (``qkv``, ``o``, ``gate_up``, ``down``; see
 `serve.runtime.weights`). An adapter's LoRA on a projection is stored as one ``A`` whose rows are
-its parts' A's stacked (``[parts * r, in]``: q, k, v for ``qkv``) and one ``B^T`` for the whole
-fused output (``[parts * r, out]``, block-diagonal: part ``p``'s ``B^T`` in rows ``p*r..`` and
-its own columns, scaling folded in, q/k columns in the RoPE layout), so a fused projection needs
-one shrink and one expand matmul whatever its parts. Parts an adapter does not target hold
-zeros. The block-diagonal ``B^T`` costs ``parts`` times the expand arithmetic (a few % of the
-base projection's) and memory of ``B``, for half the ops per projection (measured on the
-mixed-batch step, where op count, not arithmetic, bounds a CPU at these sizes).
+its parts' A's stacked (``[parts * r, in]``: q, k, v for ``qkv``) and one ``B^T`` per part
+(``[r, size]``, scaling folded in, q/k columns in the RoPE layout), so a fused projection needs
+one shrink matmul and one expand per part. Parts an adapter does not target hold zeros. (A
+block-diagonal ``B^T`` over the fused output, one expand per projection, measured slower in
+fp32 and 1.5x the memory; see `serve.runtime.dtype_choice` for the LoRA dtype.)
 
 Adapters live in *pools*, one per rank: each adapter keeps its own rank (a rank-8 adapter next
 to a rank-64 one costs rank-8 arithmetic). A pool's tensors are ``[capacity, ...]`` and
@@ -18,11 +16,11 @@ flattened into one int by `LoraStack` for the scheduler.
 A forward pass gives each row (one token of one sequence) a slot or ``-1`` (bare base). Per pool
 used by the batch (`LoraBatch`):
 
-- one slot for every row: ``h = x @ A.T`` and one ``addmm_`` (2 ops);
+- one slot for every row: ``h = x @ A.T`` and an ``addmm_`` per part (1 + parts ops);
 - otherwise Punica's SGMV as dense ops: the rows of each used adapter are gathered into one
   equal-width segment (pads gather row 0 and are zeroed), one ``bmm`` against the used
-  adapters' A's, one against their B's, and the deltas gathered back into row order (rows of
-  other pools read a zero pad) and added (6 ops): gathers, because ``index_select``
+  adapters' A's, one ``bmm`` per part against their B's, and the deltas gathered back into row
+  order (rows of other pools read a zero pad) and added: gathers, because ``index_select``
   measured 10-20x faster than ``index_add_`` at these sizes here. A's are stored transposed
   (``[in, parts * r]``): a transposed view made bf16 ``bmm`` 2.5x slower.
   Slots no row uses are never multiplied; arithmetic is the minimum up to the pads. The used
@@ -52,8 +50,7 @@ class AdapterWeights:
     """One adapter's LoRA tensors, ready to install.
 
     Attributes:
-        modules: ``{(layer, projection): (a [parts * r, in], [bt_part [r, size], ...])}``
-            (B^T per part, as read; the pool lays them out block-diagonally).
+        modules: ``{(layer, projection): (a [parts * r, in], [bt_part [r, size], ...])}``.
         rank: The adapter's (largest) rank: the pool it goes to.
         file_bytes: Size of the weights file it was read from (for memory ratios).
     """
@@ -71,16 +68,16 @@ class AdapterWeights:
 
 @dataclass
 class AdapterCopy:
-    """One adapter's rows of its pool, copied out (``{key: (A^T, block-diagonal B^T)}``)."""
+    """One adapter's rows of its pool, copied out (``{key: (A^T, [B^T per part])}``)."""
 
     rank: int
-    rows: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]
+    rows: dict[ModuleKey, tuple[torch.Tensor, list[torch.Tensor]]]
 
     @property
     def nbytes(self) -> int:
         """Bytes held."""
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for a, b in self.rows.values())
+        return sum(a.numel() * a.element_size() + sum(b.numel() * b.element_size() for b in bts)
+                   for a, bts in self.rows.values())
 
 
 def torch_zeros_like_pool(capacity: int, row: torch.Tensor) -> torch.Tensor:
@@ -97,7 +94,7 @@ class Pool:
     rank: int
     capacity: int
     at: dict[ModuleKey, torch.Tensor] = field(default_factory=dict)  # [capacity, in, parts*r]
-    bt: dict[ModuleKey, torch.Tensor] = field(default_factory=dict)  # [capacity, parts*r, out]
+    bt: dict[ModuleKey, list[torch.Tensor]] = field(default_factory=dict)  # [capacity, r, size]
     targets: dict[ModuleKey, set[int]] = field(default_factory=dict)
     free: list[int] = field(default_factory=list)
 
@@ -180,14 +177,12 @@ class LoraStack:
             if key not in pool.at:
                 pool.at[key] = torch.zeros(pool.capacity, in_f, len(sizes) * r, dtype=self.dtype,
                                            device=self.device)
-                pool.bt[key] = torch.zeros(pool.capacity, len(sizes) * r, sum(sizes),
-                                           dtype=self.dtype, device=self.device)
+                pool.bt[key] = [torch.zeros(pool.capacity, r, size, dtype=self.dtype,
+                                            device=self.device) for size in sizes]
                 pool.targets[key] = set()
             pool.at[key][index].copy_(a.T)
-            start = 0
-            for p, (bt, size) in enumerate(zip(bts, sizes, strict=True)):
-                pool.bt[key][index, p * r:(p + 1) * r, start:start + size].copy_(bt)
-                start += size
+            for dst, bt in zip(pool.bt[key], bts, strict=True):
+                dst[index].copy_(bt)
             pool.targets[key].add(index)
         self.generation += 1
         return r * SLOT_BASE + index
@@ -198,7 +193,8 @@ class LoraStack:
         for key, indices in pool.targets.items():
             if index in indices:
                 pool.at[key][index].zero_()
-                pool.bt[key][index].zero_()
+                for bt in pool.bt[key]:
+                    bt[index].zero_()
                 indices.discard(index)
         pool.free.append(index)
         pool.free.sort()
@@ -207,7 +203,7 @@ class LoraStack:
     def snapshot(self, slot: int) -> AdapterCopy:
         """Copies of ``slot``'s pool rows (for a host-memory tier; restored by `restore`)."""
         pool, index = self.pools[slot // SLOT_BASE], slot % SLOT_BASE
-        rows = {key: (pool.at[key][index].clone(), pool.bt[key][index].clone())
+        rows = {key: (pool.at[key][index].clone(), [bt[index].clone() for bt in pool.bt[key]])
                 for key, indices in pool.targets.items() if index in indices}
         return AdapterCopy(pool.rank, rows)
 
@@ -216,13 +212,14 @@ class LoraStack:
         weights = AdapterWeights({}, copy.rank)
         slot = self.install(weights)  # creates the pool if needed, takes a free index
         pool, index = self.pools[copy.rank], slot % SLOT_BASE
-        for key, (at, bt) in copy.rows.items():
+        for key, (at, bts) in copy.rows.items():
             if key not in pool.at:
                 pool.at[key] = torch_zeros_like_pool(pool.capacity, at)
-                pool.bt[key] = torch_zeros_like_pool(pool.capacity, bt)
+                pool.bt[key] = [torch_zeros_like_pool(pool.capacity, bt) for bt in bts]
                 pool.targets[key] = set()
             pool.at[key][index].copy_(at)
-            pool.bt[key][index].copy_(bt)
+            for dst, bt in zip(pool.bt[key], bts, strict=True):
+                dst[index].copy_(bt)
             pool.targets[key].add(index)
         return slot
 
@@ -237,7 +234,7 @@ class LoraStack:
         for pool in self.pools.values():
             for key, at in pool.at.items():
                 total += at.numel() * at.element_size()
-                total += pool.bt[key].numel() * pool.bt[key].element_size()
+                total += sum(b.numel() * b.element_size() for b in pool.bt[key])
         return total
 
     # -- batches ----------------------------------------------------------------------------
@@ -286,7 +283,7 @@ class LoraStack:
         return plan
 
     def apply(self, key: ModuleKey, x: torch.Tensor, out: torch.Tensor, plan: LoraBatch,
-              ) -> None:
+              offsets: list[int]) -> None:
         """Add the LoRA delta of projection ``key`` for every row of ``x`` into ``out``.
 
         Args:
@@ -294,6 +291,7 @@ class LoraStack:
             x: ``[rows, in]`` input of the projection.
             out: ``[rows, out]`` its output (modified in place).
             plan: From `plan` for these rows, built at the current generation.
+            offsets: Column offset of each part in ``out``.
         """
         import torch
 
@@ -302,22 +300,26 @@ class LoraStack:
             indices = pool.targets.get(key)
             if not indices or indices.isdisjoint(pp.used):
                 continue
-            at, bt = pool.at[key], pool.bt[key]
+            at, bts, r = pool.at[key], pool.bt[key], pp.rank
             if x.dtype != self.dtype:  # LoRA kept wider than the base's compute dtype
                 x = x.to(self.dtype)
             if pp.uniform >= 0:
                 hidden = x @ at[pp.uniform]
-                if out.dtype == hidden.dtype:
-                    out.addmm_(hidden, bt[pp.uniform])
-                else:
-                    out.add_(hidden @ bt[pp.uniform])
+                for p, (bt, start) in enumerate(zip(bts, offsets, strict=True)):
+                    view = out[:, start:start + bt.shape[2]]
+                    if view.dtype == hidden.dtype:
+                        view.addmm_(hidden[:, p * r:(p + 1) * r], bt[pp.uniform])
+                    else:
+                        view.add_(hidden[:, p * r:(p + 1) * r] @ bt[pp.uniform])
                 continue
             segments = x.index_select(0, pp.gather).view(len(pp.used), pp.width, -1)
             hidden = torch.bmm(segments, pp.used_rows(at))
             if pp.pad_mask is not None:
                 hidden.mul_(pp.pad_mask)
-            delta = torch.bmm(hidden, pp.used_rows(bt))
-            out.add_(delta.view(-1, bt.shape[2]).index_select(0, pp.scatter))
+            for p, (bt, start) in enumerate(zip(bts, offsets, strict=True)):
+                delta = torch.bmm(hidden[:, :, p * r:(p + 1) * r], pp.used_rows(bt))
+                out[:, start:start + bt.shape[2]].add_(
+                    delta.view(-1, bt.shape[2]).index_select(0, pp.scatter))
 
 
 def reference_delta(x: torch.Tensor, row_adapters: list[AdapterWeights | None], key: ModuleKey,

@@ -101,6 +101,7 @@ class ModelRunner:
         )
         self.shapes = {name: (w.in_features[name], [size for _, size in w.parts[name]])
                        for name in PROJECTIONS}
+        self.offsets = {name: [offset for offset, _ in w.parts[name]] for name in PROJECTIONS}
         self.lora = LoraStack(self.shapes, max_adapters, dtype=lora_dtype or self.dtype,
                               device=self.device)
         self._plan: LoraBatch | None = None
@@ -218,7 +219,7 @@ class ModelRunner:
                  plan: LoraBatch) -> torch.Tensor:
         out = projection(x)
         if not plan.empty:
-            self.lora.apply((i, name), x, out, plan)
+            self.lora.apply((i, name), x, out, plan, self.offsets[name])
         return out
 
     def _attention(self, i: int, layer: LayerWeights, qkv: torch.Tensor, table, masks: _Masks,

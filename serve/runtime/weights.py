@@ -16,8 +16,9 @@ the head dim, so the same permutation of q and k changes nothing, and RoPE becom
 Projections are dense tensors for dense and ``nf4-dense`` bases, run by ``F.linear`` or, where
 `serve.runtime.dtype_choice` measured it faster on this CPU, by oneDNN on a weight reordered
 once into its blocked layout (`Projection.pack`; what Inductor's weight freezing emits for CPU
-linears, bit-identical to ``F.linear`` and 1.5-1.9x faster in bf16 at decode batches on an
-AVX512-BF16 machine). A bitsandbytes ``nf4`` base keeps its 4-bit modules: the projection calls
+linears): in bf16 the same numbers as ``F.linear`` (oneDNN both ways) and 1.5-1.9x faster at
+decode batches on an AVX512-BF16 machine; in fp32 equal up to summation-order rounding (MKL
+behind ``F.linear``). A bitsandbytes ``nf4`` base keeps its 4-bit modules: the projection calls
 them and concatenates (and permutes q/k columns) instead.
 
 Where the job ends: this module only builds tensors; the forward is `serve.runtime.runner`.

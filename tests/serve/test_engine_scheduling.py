@@ -164,7 +164,8 @@ def test_dtype_rule(label, fp32_ms, bf16_ms, agreement, expected, monkeypatch, t
     from serve.runtime import dtype_choice
 
     timings = {torch.float32: fp32_ms, torch.bfloat16: bf16_ms}
-    monkeypatch.setattr(dtype_choice, "time_matmuls", lambda shapes, dtype: timings[dtype])
+    monkeypatch.setattr(dtype_choice, "time_matmuls",
+                        lambda shapes, dtype, *args, **kwargs: timings[dtype])
 
     def probe(model, path):
         assert agreement is not None, "the probe must not run when bf16 is not faster"
@@ -173,3 +174,41 @@ def test_dtype_rule(label, fp32_ms, bf16_ms, agreement, expected, monkeypatch, t
     monkeypatch.setattr(dtype_choice, "probe_agreement", probe)
     choice = dtype_choice.choose(base_model, Path(base_info.path), label, 2, tmp_path)
     assert choice.dtype == expected, choice.reason
+
+
+# (F.linear ms, oneDNN ms, expected kernel): oneDNN's reordered weights only where measured faster.
+KERNEL_CASES = [("onednn 1.6x faster", 16.0, 10.0, "onednn"),
+                ("onednn equal", 10.0, 10.0, "linear"),
+                ("onednn missing", 10.0, float("inf"), "linear")]
+
+
+@pytest.mark.parametrize(("label", "linear_ms", "onednn_ms", "expected"), KERNEL_CASES,
+                         ids=[c[0] for c in KERNEL_CASES])
+def test_kernel_rule(label, linear_ms, onednn_ms, expected, monkeypatch):
+    from serve.runtime import dtype_choice
+
+    monkeypatch.setattr(dtype_choice, "time_matmuls", lambda shapes, dtype, rows, kernel="linear":
+                        linear_ms if kernel == "linear" else onednn_ms)
+    kernel, _, _ = dtype_choice.choose_kernel([(8, 8)], None)
+    assert kernel == expected
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_onednn_projection_matches_f_linear(dtype_name):
+    import torch
+    import torch.nn.functional as F
+
+    from serve.runtime.weights import Projection
+
+    dtype = getattr(torch, dtype_name)
+    weight, bias = torch.randn(96, 64, dtype=dtype), torch.randn(96, dtype=dtype)
+    x = torch.randn(5, 64, dtype=dtype)
+    projection = Projection(weight.clone(), bias)
+    if not projection.pack():
+        pytest.skip("this torch build has no oneDNN")
+    assert projection.weight is None  # the reordered copy is the only one held
+    got, want = projection(x), F.linear(x, weight, bias)
+    if dtype == torch.bfloat16:  # both oneDNN: the same numbers
+        assert torch.equal(got, want)
+    else:  # oneDNN vs MKL: the summation order differs by rounding only
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -64,7 +64,7 @@ def test_batched_delta_matches_per_row_reference(label, ranks, row_adapters, evi
         x = torch.randn(len(row_slots), in_f, generator=gen)
         base_out = torch.randn(len(row_slots), sum(sizes), generator=gen)
         out = base_out.clone()
-        stack.apply(key, x, out, plan)
+        stack.apply(key, x, out, plan, _offsets(key[1]))
         rows = [adapters[i] if i >= 0 and i not in evicted else None for i in row_adapters]
         want = base_out + reference_delta(x, rows, key, sum(sizes), _offsets(key[1]))
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=f"{label} {key}")
@@ -77,7 +77,7 @@ def test_each_adapter_keeps_its_own_rank_and_clear_frees_the_index():
     assert sorted(stack.pools) == [2, 16]
     assert stack.pools[2].at[(0, "qkv")].shape == (2, 24, 3 * 2)  # rank 2, not padded to 16
     x, out = torch.randn(2, 24), torch.zeros(2, 24)
-    stack.apply((0, "o"), x, out, stack.plan([small, big]))  # "o" is not targeted
+    stack.apply((0, "o"), x, out, stack.plan([small, big]), [0])  # "o" is not targeted
     assert torch.count_nonzero(out) == 0
     generation = stack.generation
     stack.clear(small)
