@@ -4,16 +4,20 @@
     nice -n 10 .venv/bin/python bench/train.py --steps 6 --threads-sweep 1,2
 
 Both sides train the same rows (the train split loradock prepared from ``--recipe``'s data),
-with the same LoRA (r, alpha, dropout, targets), batch size, sequence limit, learning rate,
-schedule, seed, step count and torch thread count, fp32 compute, no gradient checkpointing, no
-evaluation and no checkpoints:
+with the same QLoRA settings (NF4 double-quant base; LoRA r, alpha, dropout, targets), batch
+size, sequence limit, learning rate, schedule, seed, step count and torch thread count, no
+gradient checkpointing, no evaluation and no checkpoints, and the same compute dtype:
 
-- loradock: ``loradock train RECIPE --no-eval --set max_steps=N ...`` in a subprocess.
+- loradock: ``loradock train RECIPE --no-eval --set max_steps=N ...`` in a subprocess. Its
+  compute dtype is measured (`train.dtype_choice`, recorded in the manifest); on a CPU with
+  AVX512-BF16 that is bfloat16.
 - plain: the seeds' recipe written out here (`plain_worker`): ``BitsAndBytesConfig`` (nf4,
-  double quant, fp32 compute) + ``LoraConfig`` + TRL ``SFTTrainer`` with ``SFTConfig(bf16=False,
-  gradient_checkpointing=False)``, in its own subprocess. TRL's defaults stay as they are there:
-  it casts the LoRA weights of a quantised model to bf16 and trains on all tokens (assistant-only
-  loss needs the generation-marker template that loradock derives).
+  double quant) + ``LoraConfig`` + TRL ``SFTTrainer`` in its own subprocess, in the compute
+  dtype loradock chose, set the way TRL's and bitsandbytes' documents set it: for bfloat16,
+  ``bnb_4bit_compute_dtype=torch.bfloat16``, the model loaded in bfloat16 and
+  ``SFTConfig(bf16=True)``; for float32, float32 throughout and ``bf16=False``. TRL's defaults
+  stay as they are there: it casts the LoRA weights of a quantised model to bf16 and trains on
+  all tokens (assistant-only loss needs the generation-marker template that loradock derives).
 
 Printed per side: seconds per optimizer step (wall, steps 2..N, so the first step's warm-up is
 left out), tokens per second over the same steps (TRL's ``num_tokens``: input tokens, padding
@@ -49,6 +53,18 @@ def _wait(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float, f
     return proc.returncode, time.monotonic() - started, usage.ru_maxrss / 1024
 
 
+def _bf16_flags() -> list[str]:
+    """The CPU flags that decide bf16 speed (AVX512-BF16, AMX), from ``/proc/cpuinfo``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split()
+                              if "bf16" in f or f.startswith("amx"))
+    except OSError:
+        pass
+    return []
+
+
 def _tokens_per_step(tokens: list[tuple[int, float]]) -> float:
     """Mean input tokens per optimizer step from cumulative (step, num_tokens), steps 2..N."""
     marks = sorted(tokens)
@@ -80,17 +96,20 @@ def run_loradock(recipe: Path, steps: int, threads: int, work: Path, env: dict) 
     step_s, cpu_s = _per_step(marks)
     tokens = _tokens_per_step([(r["step"], r["num_tokens"]) for r in rows
                                if isinstance(r.get("num_tokens"), float)])
+    manifest = json.loads((out / "loradock.json").read_text())
     return {"s_per_step": step_s, "tokens_per_s": tokens / step_s, "cpu_s_per_step": cpu_s,
             "peak_rss_mib": rss, "process_wall_s": wall, "data_dir": str(out / "data"),
-            "adapter": str(out)}
+            "adapter": str(out), "compute_dtype": manifest["quantization"]["compute_dtype"],
+            "dtype_choice": manifest["compute"].get("dtype_choice")}
 
 
 def run_plain(recipe: Path, data_dir: Path, steps: int, threads: int, work: Path,
-              env: dict) -> dict:
+              env: dict, dtype_name: str) -> dict:
     """Train with the plain recipe in a subprocess of this script."""
     result = work / "plain.json"
     cmd = [sys.executable, __file__, "--plain-worker", str(recipe), "--data-dir", str(data_dir),
-           "--steps", str(steps), "--threads", str(threads), "--result", str(result)]
+           "--steps", str(steps), "--threads", str(threads), "--result", str(result),
+           "--dtype", dtype_name]
     code, wall, rss = _wait(cmd, env, work / "plain.log")
     if code != 0:
         raise SystemExit(f"plain recipe failed ({code}); see {work}/plain.log")
@@ -102,7 +121,7 @@ def run_plain(recipe: Path, data_dir: Path, steps: int, threads: int, work: Path
 
 
 def plain_worker(recipe_path: Path, data_dir: Path, steps: int, threads: int,
-                 result: Path) -> None:
+                 result: Path, dtype_name: str = "float32") -> None:
     """The seeds' plain QLoRA SFT recipe, with the recipe's settings (runs in its own process)."""
     import torch
     from datasets import Dataset
@@ -123,11 +142,11 @@ def plain_worker(recipe_path: Path, data_dir: Path, steps: int, threads: int,
     base = Store().base(recipe.base)
     rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+    dtype = getattr(torch, dtype_name)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
+                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=quant,
-                                                 dtype=torch.float32)
+                                                 dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     lora = LoraConfig(r=recipe.r, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
                       target_modules=recipe.target_modules, task_type="CAUSAL_LM")
@@ -148,7 +167,7 @@ def plain_worker(recipe_path: Path, data_dir: Path, steps: int, threads: int,
         gradient_accumulation_steps=recipe.gradient_accumulation,
         learning_rate=recipe.learning_rate, max_steps=steps, warmup_steps=recipe.warmup,
         lr_scheduler_type=recipe.lr_schedule, max_grad_norm=recipe.max_grad_norm,
-        seed=recipe.seed, bf16=False, gradient_checkpointing=False, use_cpu=True,
+        seed=recipe.seed, bf16=dtype == torch.bfloat16, gradient_checkpointing=False, use_cpu=True,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True,
     )
@@ -170,9 +189,11 @@ def main() -> None:
     parser.add_argument("--plain-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_worker:
-        plain_worker(args.plain_worker, args.data_dir, args.steps, args.threads, args.result)
+        plain_worker(args.plain_worker, args.data_dir, args.steps, args.threads, args.result,
+                     args.dtype)
         return
 
     from train.threads import default_threads
@@ -184,7 +205,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
         ours = run_loradock(args.recipe, args.steps, threads, work, env)
-        plain = run_plain(args.recipe, Path(ours["data_dir"]), args.steps, threads, work, env)
+        plain = run_plain(args.recipe, Path(ours["data_dir"]), args.steps, threads, work, env,
+                          ours["compute_dtype"])
         sweep = {}
         for count in [int(c) for c in args.threads_sweep.split(",") if c.strip()]:
             sweep[count] = (ours if count == threads
@@ -192,7 +214,10 @@ def main() -> None:
     figures = {
         "steps": args.steps, "threads": threads, "recipe": str(args.recipe),
         "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
-        "loradock": {k: v for k, v in ours.items() if k not in ("data_dir", "adapter")},
+        "compute_dtype": ours["compute_dtype"], "dtype_choice": ours["dtype_choice"],
+        "cpu_bf16_flags": _bf16_flags(),
+        "loradock": {k: v for k, v in ours.items()
+                     if k not in ("data_dir", "adapter", "compute_dtype", "dtype_choice")},
         "plain": plain,
         "ratio_loradock_over_plain": {
             key: ours[key] / plain[key]
@@ -206,6 +231,9 @@ def main() -> None:
     print(f"QLoRA SFT, {args.steps} steps, {threads} torch thread(s), recipe {args.recipe.name}; "
           f"load average {load_before:.1f} -> {figures['loadavg_1min_after']:.1f} "
           f"on {os.cpu_count()} CPUs")
+    choice = ours["dtype_choice"] or {}
+    print(f"compute dtype (both sides): {ours['compute_dtype']} - {choice.get('reason', '')}; "
+          f"CPU bf16 flags: {' '.join(figures['cpu_bf16_flags']) or 'none'}")
     print(f"{'':10} {'s/step':>8} {'tokens/s':>9} {'CPU s/step':>11} {'peak RSS MiB':>13}")
     for name, side in (("loradock", ours), ("plain", plain)):
         print(f"{name:10} {side['s_per_step']:8.2f} {side['tokens_per_s']:9.1f} "

@@ -1,10 +1,12 @@
 """QLoRA's frozen half: the base loaded in 4-bit NF4 with double quantisation, and LoRA on top.
 
-Compute dtype is chosen by device: float32 on CPU (no native bf16 here; bf16 compute made a step
-~10x slower), bfloat16 on CUDA. `QuantSpec.record` is what the manifest stores.
+Compute dtype: bfloat16 on CUDA; on CPU measured per machine (`train.dtype_choice`: bf16 ran
+7-10x slower than fp32 on an AVX2-only CPU and ~2.8x faster on one with AVX512-BF16).
+`QuantSpec.record` is what the manifest stores.
 
 TRL casts LoRA parameters of a quantised model to bf16 (the QLoRA paper's choice for GPUs);
-`match_adapter_dtype` casts them back to the compute dtype on CPU, where bf16 is slow.
+`match_adapter_dtype` casts them back to float32 on CPU (with bf16 compute, autocast then runs
+the matmuls in bf16 from float32 master weights).
 
 Where the job ends: this module loads and wraps the model. Building trainers is `train.sft` and
 `train.dpo`; what the adapter folder holds is `train.run`'s.
@@ -34,7 +36,7 @@ class QuantSpec:
 
     Attributes:
         device: ``cpu`` or ``cuda``.
-        compute_dtype: ``float32`` on CPU, ``bfloat16`` on CUDA.
+        compute_dtype: ``float32`` or ``bfloat16`` (bfloat16 on CUDA; measured on CPU).
         quant_type: bitsandbytes 4-bit type (``nf4``).
         double_quant: Quantise the quantisation constants too.
     """
@@ -45,9 +47,17 @@ class QuantSpec:
     double_quant: bool = True
 
     @classmethod
-    def for_device(cls, device: Device) -> QuantSpec:
-        """The loradock default for ``device``."""
-        return cls(device=device, compute_dtype="bfloat16" if device == "cuda" else "float32")
+    def for_device(cls, device: Device, compute_dtype: str | None = None) -> QuantSpec:
+        """The spec for ``device``.
+
+        Args:
+            device: ``cpu`` or ``cuda``.
+            compute_dtype: The dtype to use (`train.dtype_choice` measures it on CPU); None:
+                bfloat16 on CUDA, float32 on CPU.
+        """
+        if compute_dtype is None:
+            compute_dtype = "bfloat16" if device == "cuda" else "float32"
+        return cls(device=device, compute_dtype=compute_dtype)
 
     def torch_dtype(self) -> Any:
         """The compute dtype as a ``torch.dtype``."""
@@ -139,12 +149,18 @@ def attach_lora(model: Any, config: Any | None, parent_dir: Path | None) -> Any:
 
 
 def match_adapter_dtype(model: Any, spec: QuantSpec) -> int:
-    """Cast trainable parameters to the compute dtype (undoing TRL's bf16 cast on CPU).
+    """Keep trainable parameters in float32 on CPU (undoing TRL's bf16 cast), else compute dtype.
+
+    On CPU the LoRA weights and their AdamW states stay float32 whatever the compute dtype:
+    with bfloat16 compute, autocast runs the matmuls in bf16 from float32 master weights (mixed
+    precision), so small updates are not rounded away.
 
     Returns:
         How many parameters were cast.
     """
-    dtype = spec.torch_dtype()
+    import torch
+
+    dtype = torch.float32 if spec.device == "cpu" else spec.torch_dtype()
     cast = 0
     for param in model.parameters():
         if param.requires_grad and param.dtype != dtype:

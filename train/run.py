@@ -297,10 +297,11 @@ def _train(
     the plot and the adapter folder.
     """
     import torch
-    from transformers import AutoTokenizer, set_seed
+    from transformers import AutoConfig, AutoTokenizer, set_seed
 
     from train.args import resolve_optim, tracking, tracking_env
     from train.data import read_split
+    from train.dtype_choice import choose_compute_dtype, default_cache_dir
     from train.metrics import LOSS_PNG, METRICS_FILE, MetricsLogger, plot_losses, truncate_after
     from train.publish import FLOPS_FORMULA, build_manifest, estimated_flops, publish_adapter
     from train.quant import (
@@ -323,7 +324,12 @@ def _train(
 
     track = tracking(recipe.report_to, final)  # fails now if the tracker is not installed
     threads = apply_threads(recipe.threads)
-    spec = QuantSpec.for_device(pick_device())
+    device = pick_device()
+    with process_state().main_process_first():  # one measurement; the others read its cache
+        choice = choose_compute_dtype(recipe.compute_dtype, device,
+                                      AutoConfig.from_pretrained(base.path), threads,
+                                      default_cache_dir())
+    spec = QuantSpec.for_device(device, choice.dtype)
     set_seed(recipe.seed)
     model = load_quantized_base(base.path, spec,
                                 gradient_checkpointing=recipe.gradient_checkpointing)
@@ -366,6 +372,7 @@ def _train(
         "best_step": _best_step(state),
     }
     compute["optimizer"] = {"asked": recipe.optim, "used": optim, "note": optim_note}
+    compute["dtype_choice"] = choice.record()
     manifest = build_manifest(recipe, base, spec, data_report=report.to_dict(), compute=compute,
                               parent=parent, extra={"tracking": track.record})
     if main:

@@ -23,6 +23,9 @@ from typing import Any
 
 from hub.errors import Unsupported
 from train.args import common_args, early_stopping_callbacks
+from train.autocast_4bit import autocast_4bit_outputs
+from train.lean_dropout import use_lean_dropout
+from train.lm_loss import install_labelled_head
 from train.quant import QuantSpec, match_adapter_dtype
 from train.recipe import Recipe
 from train.template import add_generation_markers, check_same_rendering
@@ -117,4 +120,8 @@ def build_sft_trainer(
         callbacks=[*callbacks, *early_stopping_callbacks(recipe, has_validation=validate)],
     )
     match_adapter_dtype(trainer.model, spec)
+    model = trainer.model
+    use_lean_dropout(model)
+    autocast_4bit_outputs(model)
+    install_labelled_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return trainer

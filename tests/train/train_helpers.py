@@ -53,6 +53,9 @@ def write_recipe(path: Path, data: Path, output: Path, **fields: object) -> Path
         "save_steps": 2,
         "seed": 0,
         "threads": 1,  # same float reductions in every process (the resume test compares)
+        # float32 numerics, which the resume and distributed tests compare tightly;
+        # test_train_fast_path covers the measured choice (compute_dtype: auto).
+        "compute_dtype": "float32",
         "intended_use": "tests",
     }
     values.update(fields)
