@@ -53,11 +53,12 @@ class ChatFormat:
 
     Attributes:
         template: The Jinja chat template (`tests.chat_formats`, written from the family's).
-        tokens: The family's special tokens, put on SmolLM2's special ids 0, 1, 2, ... in order.
+        tokens: The family's special tokens, put on SmolLM2's special ids (`ids`) in order.
         bos: ``bos_token`` ("" for none, as Qwen ships it).
         eos: ``eos_token``.
         stops: ``generation_config.json``'s ``eos_token_id`` tokens (the turn end included).
         license: The licence the family's instruct models are published under (card data).
+        ids: The SmolLM2 special ids that take ``tokens`` (default 0, 1, 2, ...).
     """
 
     template: str
@@ -66,13 +67,20 @@ class ChatFormat:
     eos: str
     stops: tuple[str, ...]
     license: str
+    ids: tuple[int, ...] = ()
+
+    def token_ids(self) -> dict[str, int]:
+        """Each special token's id."""
+        return dict(zip(self.tokens, self.ids or range(len(self.tokens)), strict=True))
 
 
 CHAT_FORMATS: dict[str, ChatFormat] = {
     "llama": ChatFormat(LLAMA3, ("<|end_of_text|>", "<|begin_of_text|>", "<|eot_id|>",
                                  "<|start_header_id|>", "<|end_header_id|>"),
                         "<|begin_of_text|>", "<|eot_id|>", ("<|end_of_text|>", "<|eot_id|>"),
-                        "llama3.2"),
+                        # <|im_start|> (1) and <repo_name> (3) stay: loradock's own GGUF writer
+                        # (the Llama path) knows SmolLM2's BPE by them (export.gguf_tokenizer).
+                        "llama3.2", ids=(0, 2, 4, 5, 6)),
     "mistral": ChatFormat(MISTRAL_FIRST, ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
                           "<s>", "</s>", ("</s>",), "apache-2.0"),
     "qwen2": ChatFormat(QWEN2, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "",
@@ -100,13 +108,13 @@ def write_chat_format(out: Path, tokenizer_from: Path, chat: ChatFormat) -> dict
     tokens are renamed, in ``tokenizer.json``'s added tokens and vocabulary alike.
     """
     tokenizer = json.loads((Path(tokenizer_from) / "tokenizer.json").read_text())
-    added = sorted(tokenizer["added_tokens"], key=lambda t: t["id"])
+    added = {t["id"]: t for t in tokenizer["added_tokens"]}
     vocab = tokenizer["model"]["vocab"]
-    ids: dict[str, int] = {}
-    for token, new in zip(added, chat.tokens, strict=False):
+    ids = chat.token_ids()
+    for new, token_id in ids.items():
+        token = added[token_id]
         vocab[new] = vocab.pop(token["content"])
         token["content"] = new
-        ids[new] = token["id"]
     (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
     config = json.loads((Path(tokenizer_from) / "tokenizer_config.json").read_text())
     for key in ("is_local", "local_files_only"):
@@ -133,7 +141,7 @@ def make_tiny_base(family: str, out: Path, tokenizer_from: Path, seed: int = 0,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     chat = CHAT_FORMATS[family]
-    ids = {t: i for i, t in enumerate(chat.tokens)}  # write_chat_format puts them on 0, 1, ...
+    ids = chat.token_ids()
     specials = {"bos_token_id": ids.get(chat.bos), "eos_token_id": ids[chat.eos],
                 "pad_token_id": ids[chat.tokens[0]]}
     values = {**COMMON, **specials, **FAMILY_CONFIGS[family], **overrides}
@@ -147,6 +155,7 @@ def make_tiny_base(family: str, out: Path, tokenizer_from: Path, seed: int = 0,
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     assert write_chat_format(out, tokenizer_from, chat) == ids
+    (out / "README.md").write_text(f"---\nlicense: {chat.license}\n---\n# tiny {family}\n")
     return out
 
 

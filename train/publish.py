@@ -122,7 +122,7 @@ def build_manifest(
         compute=compute,
         intended_use=recipe.intended_use,
         out_of_scope_use=recipe.out_of_scope_use,
-        license=recipe.license,
+        license=adapter_licence(recipe.license, base),
         parent=parent,
         created_at=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         loradock_version=loradock_version(),
@@ -140,6 +140,11 @@ def build_manifest(
             **(extra or {}),
         },
     )
+
+
+def adapter_licence(asked: str, base: BaseInfo) -> str:
+    """The recipe's licence, else the base's (a derivative is bound by it), else apache-2.0."""
+    return asked.strip() or base.license or "apache-2.0"
 
 
 def estimated_flops(total_parameters: int, tokens_seen: int) -> int:

@@ -158,7 +158,8 @@ class Recipe:
     # -- model card (manifest top level; the rest of the card under ``card``) --------------
     intended_use: str = _f("", "What the adapter is for (model card).")
     out_of_scope_use: str = _f("", "What it must not be used for (model card).")
-    license: str = _f("apache-2.0", "SPDX licence id of the adapter.")
+    license: str = _f("", "SPDX licence id of the adapter; empty: the base's licence (its "
+                      "terms bind the adapter), apache-2.0 when the base records none.")
     card: dict[str, Any] = _f(
         {},
         "More model-card fields, copied verbatim into the manifest (language, provider, "
@@ -455,5 +456,4 @@ def validate(recipe: Recipe, skip: set[str] | None = None) -> list[str]:
              and recipe.save_steps % recipe.eval_steps == 0, "save_steps",
              f"must be a multiple of eval_steps ({recipe.eval_steps}) for early stopping "
              "to keep the best checkpoint")
-    need(bool(recipe.license.strip()), "license", "must be an SPDX id (e.g. apache-2.0)")
     return p

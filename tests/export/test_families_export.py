@@ -1,8 +1,10 @@
 """GGUF exports of every family the peft engine serves, through llama.cpp's own converter.
 
 For each family a tiny random checkpoint (`tests.tiny_models`) with an all-linear LoRA is
-exported as a merged q8_0 GGUF and as a GGUF LoRA; llama.cpp (the pinned llama-cpp-python) must
-load each and pass the parity gate against PEFT on the fp32 base. The base is first taught the
+exported as a GGUF LoRA; llama.cpp (the pinned llama-cpp-python) must load it on the base's
+f16 GGUF and pass the parity gate against PEFT on the fp32 base. The merged q8_0 GGUF of every
+family (an all-linear QLoRA adapter) is exported in `tests.test_journey_families`, which
+shares these taught bases. The base is first taught the
 parity prompts (`tests.tiny_models.teach_tiny_base`), so lossy formats are judged on confident
 predictions, not on the near-ties of random weights. Two configs differ from the
 lead's serving fixtures where llama.cpp itself differs from transformers, as real checkpoints
@@ -17,15 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from export.config import GgufOptions, ParityOptions
+from export.config import ParityOptions
 from tests.tiny_models import ALL_LINEAR, FAMILY_CONFIGS
 
 PARITY = ParityOptions(prompts=4, max_tokens=16)
 LLAMA_CPP_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
                   "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
-# The merged q8_0 export of every family is also in tests/test_journey_families.py (after
-# training); here it runs for families whose all-linear random LoRA differs most from training's.
-MERGED_HERE = ("gemma2", "phi3")
 # Where llama.cpp differs from transformers, configs as the real checkpoints have them.
 EXPORT_OVERRIDES: dict[str, dict] = {
     "mistral": {"sliding_window": None},
@@ -40,17 +39,33 @@ def base_name(family: str) -> str:
 
 def tiny_exportable(family: str, out: Path, tokenizer_from: Path) -> Path:
     """A tiny ``family`` base taught the parity prompts (confident, as a trained model is)."""
+    from transformers import AutoTokenizer
+
     from export.parity import BUNDLED_PROMPTS
-    from export.templates import render_chat
     from tests.tiny_models import make_tiny_base, teach_tiny_base
 
     path = make_tiny_base(family, out, tokenizer_from, **EXPORT_OVERRIDES.get(family, {}))
-    template = (path / "chat_template.jinja").read_text()
-    texts = [render_chat(template, [{"role": "user", "content": prompt},
-                                    {"role": "assistant", "content": "Sure: " + prompt[::-1]}],
-                         add_generation_prompt=False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = [tokenizer.apply_chat_template(
+                 [{"role": "user", "content": prompt},
+                  {"role": "assistant", "content": "Sure: " + prompt[::-1]}], tokenize=False)
              for prompt in BUNDLED_PROMPTS[:PARITY.prompts]]
     return teach_tiny_base(path, texts)
+
+
+_TAUGHT: dict[str, Path] = {}
+
+
+def shared_exportable(family: str, tmp_path_factory: pytest.TempPathFactory,
+                      tokenizer_from: Path) -> Path:
+    """`tiny_exportable`, built once per session per family (this test and the journey's).
+
+    Callers only read the folder (the store registers it in place or downloads a copy).
+    """
+    if family not in _TAUGHT:
+        root = tmp_path_factory.mktemp(f"taught-{family}")
+        _TAUGHT[family] = tiny_exportable(family, root / base_name(family), tokenizer_from)
+    return _TAUGHT[family]
 
 
 def _meta(path: Path) -> dict:
@@ -64,18 +79,18 @@ def _meta(path: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
-def test_family_exports_a_gguf_lora_and_a_q8_0_gguf_that_pass_parity(family, tmp_path,
-                                                                      base_info):
+def test_family_exports_a_gguf_lora_that_passes_parity(family, tmp_path, tmp_path_factory,
+                                                       base_info):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from export.pipeline import export_gguf, export_lora_gguf
+    from export.pipeline import export_lora_gguf
     from hub.store import Store
     from tests.conftest import TEST_CACHE
     from tests.factories import make_lora
 
     store = Store(tmp_path / "home", cache=TEST_CACHE / "bases")
-    path = tiny_exportable(family, tmp_path / family, Path(base_info.path))
+    path = shared_exportable(family, tmp_path_factory, Path(base_info.path))
     store.add_base(base_name(family), path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     folder = make_lora(model, tmp_path / "adapter", r=8, targets=ALL_LINEAR[family], seed=1,
@@ -83,15 +98,6 @@ def test_family_exports_a_gguf_lora_and_a_q8_0_gguf_that_pass_parity(family, tmp
     store.register(folder, "demo", base=base_name(family))
 
     out = tmp_path / "out"
-    if family in MERGED_HERE:
-        merged = export_gguf(store, "demo", None, out, options=GgufOptions(quant="q8_0"),
-                             parity=PARITY)
-        report = merged.parity[0]
-        print(f"[{family} q8_0] {report.line()}")
-        assert report.passed and not report.tokenizer_mismatches
-        meta = _meta(out / "demo-v1.q8_0.gguf")
-        assert meta["arch"] == LLAMA_CPP_ARCH[family] and "Q8_0" in meta["types"]
-
     lora = export_lora_gguf(store, "demo", None, out, parity=PARITY)
     print(f"[{family} lora] {lora.parity[0].line()}")
     assert lora.parity[0].passed

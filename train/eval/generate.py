@@ -36,6 +36,23 @@ PARENT = "parent"  # the adapter name a parent adapter is loaded under (`Loaded.
 Messages = list[dict[str, str]]
 
 
+def stop_token_ids(base_dir: Path, tokenizer: Any) -> tuple[int, ...]:
+    """The tokenizer's eos and the base's ``generation_config.json`` ``eos_token_id`` list.
+
+    Instruct checkpoints list their end-of-turn token there (Gemma's ``<end_of_turn>``, Phi-3's
+    ``<|end|>``, Llama 3's ``<|eot_id|>``) when it differs from ``eos_token``; stopping at
+    ``eos_token`` alone would run past the answer into made-up turns.
+    """
+    import json
+
+    ids = [tokenizer.eos_token_id]
+    config = Path(base_dir) / "generation_config.json"
+    if config.is_file():
+        value = json.loads(config.read_text()).get("eos_token_id")
+        ids.extend(value if isinstance(value, list) else [value])
+    return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and i >= 0))
+
+
 @dataclass
 class Loaded:
     """A base model with the adapter attached, and its tokenizer.
@@ -48,6 +65,7 @@ class Loaded:
         device: Torch device string.
         weights: How the base weights were obtained, in words (for the report).
         quantized: True when the base holds 4-bit (dequantised) values.
+        stop_token_ids: Ids that end a generated answer (`stop_token_ids`).
     """
 
     model: Any
@@ -57,6 +75,7 @@ class Loaded:
     device: str
     weights: str = "unquantised"
     quantized: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
     @contextlib.contextmanager
     def system(self, name: System) -> Iterator[Any]:
@@ -155,7 +174,8 @@ def load(
     model.to(device)
     model.eval()
     return Loaded(model, tokenizer, template_source, dtype_name, device, weights,
-                  quantized=four_bit is not None)
+                  quantized=four_bit is not None,
+                  stop_token_ids=stop_token_ids(Path(base.path), tokenizer))
 
 
 def split_conversation(messages: Messages) -> tuple[Messages, str]:
@@ -226,7 +246,7 @@ def greedy_generate(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=list(loaded.stop_token_ids) or tokenizer.eos_token_id,
     )
     outputs: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))

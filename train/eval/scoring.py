@@ -4,11 +4,12 @@ Assistant tokens are found from the chat template itself, not from a second copy
 for each assistant message ``i`` the conversation is rendered up to the generation prompt
 (``messages[:i]``, ``add_generation_prompt=True``) and up to the end of the message
 (``messages[:i + 1]``); the characters in between, cut after the end-of-turn token (the
-tokenizer's ``eos_token``), are the assistant's. A token is scored when it starts inside such a
-span, so the assistant's content and its end-of-turn token are scored, and the role header, the
-system prompt, the user's turns and the newline after ``<|im_end|>`` are not. This needs a
-template that renders earlier turns as a prefix of later ones (ChatML, Llama 3, Mistral do);
-others are refused.
+special token the template prints right after the content: ``<|im_end|>``, ``<end_of_turn>``,
+``<|end|>``...; else the tokenizer's ``eos_token``), are the assistant's. A token is scored when
+it starts inside such a span, so the assistant's content and its end-of-turn token are scored,
+and the role header, the system prompt, the user's turns and the newline after ``<|im_end|>``
+are not. This needs a template that renders earlier turns as a prefix of later ones (ChatML,
+Llama 3, Mistral, Gemma, Phi-3 do); others are refused.
 
 Where the job ends: this module turns messages into ``(token ids, scored mask)`` and a model into
 NLL sums. Perplexity and the other metrics are `train.eval.metrics`; loading models is
@@ -92,10 +93,29 @@ def assistant_spans(
                 fix="Use a ChatML-style template (the base's own, saved as chat_template.jinja).",
             )
         start = len(prefix)
-        cut = upto.rfind(eos, start) if eos else -1
-        end = cut + len(eos) if cut >= 0 else len(upto)
+        end = _turn_end(tokenizer, upto, start, str(message.get("content") or ""))
+        if end is None:
+            cut = upto.rfind(eos, start) if eos else -1
+            end = cut + len(eos) if cut >= 0 else len(upto)
         spans.append((start, end))
     return text, spans
+
+
+def _turn_end(tokenizer: Any, upto: str, start: int, content: str) -> int | None:
+    """End of the special token the template prints right after ``content``, if it does.
+
+    That token ends the turn whatever the tokenizer calls ``eos_token`` (Gemma's
+    ``<end_of_turn>``, Phi-3's ``<|end|>``, ChatML's ``<|im_end|>``).
+    """
+    answer = content.strip()
+    at = upto.find(answer, start) if answer else -1
+    if at < 0:
+        return None
+    after = at + len(answer)
+    specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special),
+                      key=len, reverse=True)
+    token = next((t for t in specials if t and upto.startswith(t, after)), None)
+    return after + len(token) if token else None
 
 
 def encode_conversation(tokenizer: Any, messages: Messages, *, first: int = 0) -> Encoded:
