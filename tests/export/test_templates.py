@@ -17,12 +17,15 @@ from hub.errors import Unsupported
 from tests.chat_formats import (
     CHATML,
     GEMMA,
+    GEMMA2,
     GEMMA_NO_SYSTEM,
     LLAMA3,
     MISTRAL_FIRST,
     MISTRAL_LAST,
     PHI3,
     PHI3_NO_SYSTEM,
+    QWEN2,
+    QWEN3,
 )
 
 # Tokenizer configs as the families ship them (the parts templates read).
@@ -43,10 +46,14 @@ CONFIGS = {
              "add_bos_token": False},
     "phi3-no-system": {"chat_template": PHI3_NO_SYSTEM, "bos_token": "<s>",
                        "eos_token": "<|endoftext|>", "add_bos_token": True},
+    "qwen2": {"chat_template": QWEN2, "bos_token": "", "eos_token": "<|im_end|>",
+              "add_bos_token": False},
+    "gemma2": {"chat_template": GEMMA2, "bos_token": "<bos>", "eos_token": "<eos>",
+               "add_bos_token": True},
 }
 FAMILY = {"chatml": "chatml", "llama3": "llama3", "mistral-first": "mistral",
           "mistral-last": "mistral", "gemma": "gemma", "gemma-no-system": "gemma",
-          "phi3": "phi3", "phi3-no-system": "phi3"}
+          "phi3": "phi3", "phi3-no-system": "phi3", "qwen2": "chatml", "gemma2": "gemma"}
 
 SYSTEM = {"role": "system", "content": "You answer in French.\nKeep it short."}
 CONVERSATIONS = {
@@ -157,6 +164,10 @@ def test_a_family_variant_that_renders_differently_is_refused() -> None:
     odd = CHATML.replace("'<|im_end|>' + '\\n'", "'<|im_end|>' + '\\n\\n'")
     with pytest.raises(Unsupported, match="renders differently"):
         translate(odd)
+    # Qwen3's empty thinking block on the last answer has no Go translation yet: refused, not
+    # written wrong.
+    with pytest.raises(Unsupported, match="renders differently"):
+        translate(QWEN3, eos_token="<|im_end|>")
 
 
 def test_ollama_values_collate_like_ollama() -> None:
