@@ -178,8 +178,8 @@ def main() -> None:
             figures["single"] = asyncio.run(load(url, models, args.requests, args.max_tokens))
         print(f"single   {figures['single']:7.1f} tok/s", flush=True)
         port = free_port()
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="error",
-                 _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+        ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="error", _temp_dir=ray_tmp)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             url = f"http://127.0.0.1:{port}"
@@ -202,6 +202,7 @@ def main() -> None:
         finally:
             serve.shutdown()
             ray.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
         baseline = figures["single"]
         if args.recheck:  # the drift of a shared machine over the run
             with single_server(root / "single-again") as single_url:

@@ -79,7 +79,7 @@ def serve(
     ui: Annotated[bool, typer.Option(
         "--ui/--no-ui", help="Serve the web console at / (hub, cards, playground).")] = True,
     ray: Annotated[bool, typer.Option(
-        "--ray", help="Scale out on Ray Serve (pip install 'loradock[ray]'): the same API in "
+        "--ray", help="Scale out on Ray Serve (install the ray extra of loradock): the same API in "
              "front of engine replicas routed by adapter (model multiplexing, --max-adapters "
              "per replica); RAY_ADDRESS picks the cluster. No console.")] = False,
     replicas: Annotated[int, typer.Option(

@@ -182,14 +182,17 @@ def run_ray(config: ServerConfig, ray_settings: RaySettings) -> None:
     import ray
     from ray import serve
 
+    from serve.server import configure_logging
+
+    configure_logging(config.log_level)
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
              log_to_driver=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config, ray_settings), name=APP_NAME, route_prefix="/")
     log.info("serving on http://%s:%d through Ray Serve", config.host, config.port)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("stopping: Ray Serve drains the replicas")
     serve.shutdown()
