@@ -197,6 +197,18 @@ def test_tampered_deleted_or_moved_remote_content_is_an_error_not_stale_output(r
         assert "moved" in refused.json()["error"]["message"]
 
 
+def test_the_admin_load_route_prewarms_the_replica_ray_routes_that_content_to(ray_app):
+    ray_app.publish("warmed", 14)
+    loaded = httpx.post(ray_app.url + "/v1/adapters/warmed@1/load", timeout=300)
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json()["id"] == "smollm2+warmed@1" and loaded.json()["load_time_s"] > 0
+    assert ray_app.downloads("warmed") == 1
+    answer = chat(ray_app.url, "smollm2+warmed@1")
+    assert answer.status_code == 200, answer.text
+    assert "warmed@1" in resident(ray_app.url)[answer.headers[HEADER]]
+    assert ray_app.downloads("warmed") == 1  # the request found it resident
+
+
 def test_after_ray_kill_serve_restarts_the_replica_and_output_matches_loradock_serve(
         ray_app, tmp_path):
     import ray
