@@ -31,7 +31,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.export.test_families_export import LLAMA_CPP_ARCH, _meta, base_name, shared_exportable
+from tests.export.test_families_export import (
+    LLAMA_CPP_ARCH,
+    PARITY,
+    _meta,
+    base_name,
+    shared_exportable,
+)
 from tests.hub.test_add_base import TOKEN, GatedHub, publish
 from tests.tiny_models import CHAT_FORMATS, FAMILY_CONFIGS
 from tests.train.train_helpers import write_chat_data, write_preference_data, write_recipe
@@ -43,6 +49,9 @@ JOURNEY_FAMILIES = list(FAMILY_CONFIGS) if _WANTED == "all" else [
 QUESTION = "Extract: Ada is 36 and lives in Oslo."
 SYSTEM = "Answer with one JSON object."
 MAX_TOKENS = 10
+# Parity on the prompts the base was taught (a flip among 16 tokens is one in 16; among 32,
+# one in 32: near-ties left after the two training steps must not decide the gate).
+PROMPTS = str(PARITY.prompts)
 
 
 def cli_process(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -188,12 +197,12 @@ def test_bring_your_own_base_from_the_hub_through_every_stage(family, tmp_path, 
 
     # 4. a 16-bit merge and a q8_0 GGUF (llama.cpp) that pass the parity gate.
     merged = json.loads(cli("export", "merged", "demo", "--out", str(tmp_path / "merged"),
-                            "--dtype", "fp16", "--no-drift", "--prompts", "2", "--max-tokens",
-                            "8", "--json"))
+                            "--dtype", "fp16", "--no-drift", "--prompts", PROMPTS,
+                            "--max-tokens", "8", "--json"))
     assert merged["parity"][0]["passed"], merged["parity"]
     out = tmp_path / "gguf"
     result = json.loads(cli("export", "gguf", "demo", "--quant", "q8_0", "--out", str(out),
-                            "--prompts", "2", "--max-tokens", "8", "--json"))
+                            "--prompts", PROMPTS, "--max-tokens", "8", "--json"))
     assert result["parity"][0]["passed"], result["parity"]
     assert not result["parity"][0].get("tokenizer_mismatches"), result["parity"]
     meta = _meta(out / "demo-v1.q8_0.gguf")
