@@ -10,6 +10,11 @@ builds a block-diagonal causal mask from them, so a row never attends to another
 the same loss as unpacked). ``neftune_noise_alpha`` adds NEFTune's uniform noise to the
 embeddings in training only.
 
+Three changes to how TRL's trainer computes, none to what it computes (tested against the
+previous path on the real SmolLM2): the LM head scores only labelled positions
+(`train.lm_loss`), LoRA dropout keeps boolean masks (`train.lean_dropout`), and under bf16
+autocast the 4-bit layers return bf16 like any autocast linear (`train.autocast_4bit`).
+
 Where the job ends: this module builds the trainer. Running it, checkpoints and publishing the
 adapter folder are `train.run`'s.
 """
