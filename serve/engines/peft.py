@@ -58,6 +58,9 @@ class PeftOptions:
         lora_dtype: ``auto`` (CPU: the faster of the compute dtype and fp32, measured at start
             with the compute dtype; CUDA: the compute dtype), ``compute`` (LoRA weights and
             deltas in the compute dtype) or ``fp32``.
+        prefix_cache_mb: Memory for prompt-prefix keys and values reused across requests of the
+            same adapter (`serve.runtime.prefix_cache`); 0 turns reuse off.
+        prefix_block: Tokens per reusable prefix block.
         host_adapters: Evicted adapters kept in host memory, so reloading one is a copy rather
             than reading and converting its files (`serve.runtime.adapter_cache`); 0 turns it
             off. Default: as many as ``--max-adapters``.
@@ -70,6 +73,8 @@ class PeftOptions:
     compute_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     lora_dtype: Literal["auto", "compute", "fp32"] = "auto"
     host_adapters: int = -1
+    prefix_cache_mb: int = 64
+    prefix_block: int = 8
 
     @classmethod
     def parse(cls, options: dict[str, Any]) -> PeftOptions:
@@ -94,6 +99,10 @@ class PeftOptions:
         if opts.lora_dtype not in ("auto", "compute", "fp32"):
             problems.append(f"lora_dtype must be auto, compute or fp32, got "
                             f"{opts.lora_dtype!r}")
+        if not isinstance(opts.prefix_cache_mb, int) or opts.prefix_cache_mb < 0:
+            problems.append(f"prefix_cache_mb must be an int >= 0, got {opts.prefix_cache_mb!r}")
+        if not isinstance(opts.prefix_block, int) or opts.prefix_block < 1:
+            problems.append(f"prefix_block must be an int >= 1, got {opts.prefix_block!r}")
         if not isinstance(opts.host_adapters, int) or opts.host_adapters < -1:
             problems.append(f"host_adapters must be an int >= 0, got {opts.host_adapters!r}")
         if problems:
@@ -203,6 +212,7 @@ class PeftEngine:
         from serve.runtime.adapter_cache import AdapterCache
         from serve.runtime.adapter_files import read_adapter
         from serve.runtime.base import load_base
+        from serve.runtime.prefix_cache import PrefixCache
         from serve.runtime.runner import ModelRunner
         from serve.runtime.scheduler import Scheduler
 
@@ -232,6 +242,7 @@ class PeftEngine:
             runner, cache, step_lock, max_running=cfg.max_running, max_queue=cfg.max_queue,
             prefill_chunk=opts.prefill_chunk, request_timeout_s=float(opts.request_timeout_s),
             stats=self.stats_,
+            prefix=PrefixCache(runner.cache, opts.prefix_cache_mb << 20, opts.prefix_block),
         )
         cache.on_loaded = scheduler.wake.set
         scheduler.start()
@@ -354,4 +365,7 @@ class PeftEngine:
                         lora_stack_bytes=cache.stack.nbytes())
         if self._runner is not None:
             data["kv_cache_bytes"] = self._runner.cache.nbytes()
+        prefix = self._scheduler.prefix if self._scheduler is not None else None
+        if prefix is not None:
+            data.update(prefix_hit_tokens=prefix.hit_tokens, prefix_cache_bytes=prefix.nbytes)
         return data

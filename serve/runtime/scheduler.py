@@ -44,6 +44,7 @@ from serve.runtime.stream import TokenSink
 if TYPE_CHECKING:
     import torch
 
+    from serve.runtime.prefix_cache import PrefixCache
     from serve.runtime.runner import ModelRunner
 
 # Seconds a request may wait for an adapter slot before a resident adapter is drained for it.
@@ -99,8 +100,9 @@ class Scheduler:
         prefill_chunk: int,
         request_timeout_s: float,
         stats: EngineStats,
+        prefix: PrefixCache | None = None,
     ) -> None:
-        """Create a stopped scheduler (see `start`)."""
+        """Create a stopped scheduler (see `start`); ``prefix``: prompt-prefix KV reuse."""
         self.runner = runner
         self.cache = cache
         self.step_lock = step_lock
@@ -109,6 +111,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.request_timeout_s = request_timeout_s
         self.stats = stats
+        self.prefix = prefix
         self.lock = threading.RLock()
         self.wake = threading.Event()
         self.waiting: deque[Sequence] = deque()
@@ -343,7 +346,9 @@ class Scheduler:
 
         At most ``prefill_chunk`` prompt tokens per step, so decode rows in the same pass are
         never stalled behind a long prompt; a prompt longer than what is left stays partial (in
-        the last KV row) and continues next step.
+        the last KV row) and continues next step. A new sequence first gets the longest cached
+        prefix of its prompt copied into its row (`serve.runtime.prefix_cache`), and only the
+        rest counts against the budget.
         """
         budget = self.prefill_chunk
         batch: list[tuple[Sequence, int]] = []
@@ -365,10 +370,15 @@ class Scheduler:
                 self.waiting.remove(seq)
                 seq.row = self.runner.cache.allocate()
                 self.running.append(seq)
-            n = min(budget, len(seq.request.prompt_ids))
+            prompt = seq.request.prompt_ids
+            if self.prefix is not None and self.prefix.enabled:
+                self.runner.cache.ensure(len(prompt))
+                seq.prefilled = self.prefix.restore(seq.key, prompt, seq.row)
+            left = len(prompt) - seq.prefilled
+            n = min(budget, left)
             batch.append((seq, n))
             budget -= n
-            if n < len(seq.request.prompt_ids):
+            if n < left:
                 break  # this one stays partial, in the last row
         return batch
 
@@ -419,6 +429,8 @@ class Scheduler:
             if seq.prefilled == len(seq.request.prompt_ids):
                 seq.position = seq.prefilled
                 self.stats.ttft.append(time.monotonic() - seq.submitted)
+                if self.prefix is not None:
+                    self.prefix.store(seq.key, seq.request.prompt_ids, seq.row)
                 done.append(seq)
                 done_rows.append(len(rows) + index)
         picked = list(range(len(rows))) + done_rows

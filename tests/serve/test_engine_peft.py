@@ -106,6 +106,28 @@ def test_greedy_matches_peft_for_base_and_two_adapters(engine, store, adapter_fa
     assert "wide@1" in engine.health().resident_adapters
 
 
+def test_shared_prompt_prefix_is_reused_per_adapter_with_exact_output(
+        engine, store, adapter_factory, base_model, prompts):
+    # Both prompts start with the template's system turn (27 tokens: three 8-token blocks).
+    fresh = store.register(adapter_factory(seed=50, r=4, scale=0.3), "prefixed")
+    hits = lambda: engine.stats()["prefix_hit_tokens"]  # noqa: E731
+
+    def served(prompt, record=None):
+        before = hits()
+        tokens, _ = run(collect(engine, request(prompt, record)))
+        return tokens, hits() - before
+
+    served(prompts[0])
+    tokens, reused = served(prompts[1])
+    assert reused >= 16
+    assert tokens == peft_reference(base_model, prompts[1])
+    tokens, reused = served(prompts[0], fresh)
+    assert reused == 0, "an adapter must not reuse the base's keys and values"
+    tokens, reused = served(prompts[1], fresh)
+    assert reused >= 16
+    assert tokens == peft_reference(base_model, prompts[1], fresh.path)
+
+
 def test_four_adapters_batched_together_return_their_solo_output(engine, store,
                                                                  adapter_factory, prompts):
     records = [store.register(adapter_factory(**spec), name) for name, spec in ADAPTERS.items()]

@@ -105,8 +105,8 @@ def test_a_failing_pass_fails_only_the_requests_it_concerns(base_info, prompts):
     forward = runner.forward
     poison = list(prompts[1])
 
-    def failing(decode, chunks):  # a pass that prefills the poisoned prompt raises
-        if any(list(tokens) == poison for _, tokens, _, _ in chunks):
+    def failing(decode, chunks):  # a pass that prefills the poisoned prompt('s uncached rest)
+        if any(list(tokens) == poison[start:] for _, tokens, start, _ in chunks):
             raise RuntimeError("injected fault")
         return forward(decode, chunks)
 
