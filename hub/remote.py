@@ -262,7 +262,7 @@ def push(
             )
         old = _tag_target(api, repo_id, tag) if info is not None else None
         if old is not None:
-            published = _read_digests(api, repo_id, old)
+            published = read_digests(api, repo_id, old)
             if published is not None and published.get("digest") == record.digest:
                 return PushResult(repo_id, old, tag, sorted(record.files),
                                   f"{api.endpoint}/{repo_id}/commit/{old}", already=True)
@@ -326,7 +326,7 @@ def _create_tag(api: Any, repo_id: str, tag: str, commit: str) -> None:
 # -- pull ---------------------------------------------------------------------------------
 
 
-def _read_digests(api: Any, repo_id: str, commit: str) -> dict[str, Any] | None:
+def read_digests(api: Any, repo_id: str, commit: str) -> dict[str, Any] | None:
     """The digests file at ``commit``, or None when the repo was not pushed by loradock."""
     with tempfile.TemporaryDirectory(prefix="loradock-digests-") as tmp:
         try:
@@ -415,7 +415,7 @@ def pull(
     try:
         try:
             revision, commit = _resolve_commit(api, repo_id, asked or None)
-            digests = _read_digests(api, repo_id, commit)
+            digests = read_digests(api, repo_id, commit)
             if digests is not None:
                 files = {str(k): str(v) for k, v in digests["files"].items()}
             else:  # not pushed by loradock: the allowed files, checked as any local folder

@@ -104,14 +104,14 @@ class RemoteCatalog(Store):
         return tags
 
     def _digests_at(self, repo_id: str, commit: str) -> dict:
-        from hub.remote import DIGESTS_FILE, _read_digests, hub_api, remote_error
+        from hub.remote import DIGESTS_FILE, read_digests, hub_api, remote_error
 
         key = (repo_id, commit)
         with self._lock:
             if key in self._digests:
                 return self._digests[key]
         try:
-            doc = _read_digests(hub_api(), repo_id, commit)
+            doc = read_digests(hub_api(), repo_id, commit)
         except RemoteError:
             raise
         except Exception as exc:
