@@ -104,7 +104,7 @@ class RemoteCatalog(Store):
         return tags
 
     def _digests_at(self, repo_id: str, commit: str) -> dict:
-        from hub.remote import DIGESTS_FILE, read_digests, hub_api, remote_error
+        from hub.remote import DIGESTS_FILE, hub_api, read_digests, remote_error
 
         key = (repo_id, commit)
         with self._lock:
