@@ -19,8 +19,17 @@ app = typer.Typer(
 )
 
 FileArg = Annotated[
-    Path,
-    typer.Argument(help="Dataset: JSONL, JSON (a list of objects) or CSV.", show_default=False),
+    str,
+    typer.Argument(help="Dataset: a JSONL, JSON (a list of objects), CSV or Parquet file, or a "
+                   "Hub dataset hf://datasets/ORG/NAME, optionally @REV and /FILE (pinned to "
+                   "its commit).",
+                   show_default=False),
+]
+MinAnswerOpt = Annotated[
+    int,
+    typer.Option("--min-answer-tokens", min=1,
+                 help="Drop rows whose answer is shorter than this many tokens (1: only empty "
+                 "ones); reported with line numbers."),
 ]
 FormatOpt = Annotated[
     Literal["auto", "chat", "alpaca", "completion", "preference"],
@@ -52,7 +61,14 @@ PiiOpt = Annotated[
 ]
 
 
-def _tokenizer(base: str, skip: bool):  # noqa: ANN202 - heavy import inside
+def _tokenizer(base: str, skip: bool, min_answer_tokens: int = 1):  # noqa: ANN202
+    if skip and min_answer_tokens > 1:
+        from hub.errors import InvalidInput
+
+        raise InvalidInput(
+            f"--min-answer-tokens {min_answer_tokens} needs the tokenizer, which --no-length "
+            "skips", fix="Drop --no-length, or leave --min-answer-tokens at 1.",
+            param="min_answer_tokens")
     if skip:
         return None
     from hub.store import Store
@@ -69,6 +85,7 @@ def check(
     base: BaseOpt = "smollm2",
     no_length: NoLengthOpt = False,
     pii: PiiOpt = "redact",
+    min_answer_tokens: MinAnswerOpt = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
 ) -> None:
     """Check a dataset: counts, then the first problems with their line numbers.
@@ -81,10 +98,13 @@ def check(
     Example: loradock data check examples/json-extract/data.jsonl --max-seq-len 512
     """
     from train.data import NoUsableRows, check_dataset
+    from train.data.hub_source import resolve_source
 
-    tokenizer = _tokenizer(base, no_length)
+    tokenizer = _tokenizer(base, no_length, min_answer_tokens)
+    source, _ = resolve_source(file)
     try:
-        report = check_dataset(file, fmt=fmt, tokenizer=tokenizer, max_seq_len=max_seq_len, pii=pii)
+        report = check_dataset(source, fmt=fmt, tokenizer=tokenizer, max_seq_len=max_seq_len,
+                               pii=pii, min_answer_tokens=min_answer_tokens)
     except NoUsableRows as exc:
         _show(exc.report, as_json)
         raise
@@ -100,6 +120,7 @@ def prepare(
     base: BaseOpt = "smollm2",
     no_length: NoLengthOpt = False,
     pii: PiiOpt = "redact",
+    min_answer_tokens: MinAnswerOpt = 1,
     seed: Annotated[int, typer.Option("--seed", help="Split seed.")] = 0,
     split: Annotated[
         tuple[float, float, float],
@@ -118,11 +139,13 @@ def prepare(
     Example: loradock data prepare examples/json-extract/data.jsonl --out out/json-data --pii redact
     """
     from train.data import NoUsableRows, prepare_dataset
+    from train.data.hub_source import resolve_source
 
-    tokenizer = _tokenizer(base, no_length)
+    tokenizer = _tokenizer(base, no_length, min_answer_tokens)
+    source, origin = resolve_source(file)
     try:
         report = prepare_dataset(
-            file,
+            source,
             out,
             fmt=fmt,
             tokenizer=tokenizer,
@@ -131,6 +154,8 @@ def prepare(
             seed=seed,
             splits=split,
             overwrite=overwrite,
+            min_answer_tokens=min_answer_tokens,
+            origin=origin,
         )
     except NoUsableRows as exc:
         _show(exc.report, as_json)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from loradock.cli import main
+from tests.train.test_data_hub import hub  # noqa: F401 - the stand-in Hub fixture
 
 REPO = Path(__file__).resolve().parents[2]
 BAD_CHAT = Path(__file__).parent / "data" / "bad_chat.jsonl"
@@ -90,3 +91,35 @@ def test_check_with_the_base_tokenizer(home, base_info, capsys):
 def test_help_has_an_example(command, capsys):
     code, out, _ = run(["data", command, "--help"], capsys)
     assert code == 0 and "Example: loradock data " + command in out
+
+
+def test_data_commands_take_a_hub_dataset(hub, tmp_path, capsys):  # noqa: F811
+    from tests.train.test_data_hub import _jsonl
+
+    sha = hub.add("acme/greetings", {"data/train.jsonl": _jsonl(6, "hi")})
+    code, out, _ = run(["data", "check", "hf://datasets/acme/greetings", "--no-length"], capsys)
+    assert code == 0 and "6 usable" in out
+    out_dir = tmp_path / "prepared"
+    code, _, _ = run(["data", "prepare", "hf://datasets/acme/greetings", "--no-length",
+                      "--out", str(out_dir)], capsys)
+    saved = json.loads((out_dir / "data_report.json").read_text())
+    assert code == 0 and saved["origin"]["sha"] == sha
+
+
+def test_min_answer_tokens_drops_short_answers_with_their_lines(home, base_info, tmp_path,
+                                                               capsys):
+    source = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Say something {i}."},
+                          {"role": "assistant", "content": "ok" if i == 2 else
+                           f"Here is a longer answer number {i}, with several words."}]}
+            for i in range(1, 5)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, _ = run(["data", "check", str(source), "--min-answer-tokens", "4"], capsys)
+    assert code == 0 and "3 usable" in out
+    assert "line 2:" in out and "min_answer_tokens 4" in out
+
+
+def test_min_answer_tokens_without_the_tokenizer_is_refused(capsys):
+    code, _, err = run(["data", "check", str(BAD_CHAT), "--no-length", "--min-answer-tokens",
+                        "3"], capsys)
+    assert code != 0 and "--no-length" in err and "--min-answer-tokens 3" in err
