@@ -47,7 +47,7 @@ MIN_SPEEDUP = 1.10
 BATCH = 16
 # The oneDNN layout must beat F.linear by this factor (summed over 1 and BATCH rows).
 MIN_KERNEL_SPEEDUP = 1.05
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 PROBE_TEXTS = (
     "The quick brown fox jumps over the lazy dog. Then it runs into the forest and hides.",
     "Extract the name and age: Ana is 30 years old and lives in Braga, Portugal.",
