@@ -15,12 +15,9 @@ import typer
 from hub.errors import InvalidInput
 
 
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _device(device: str) -> str | None:
+    """None for ``auto``: `train.eval.run_eval` then uses the device training recorded."""
+    return None if device == "auto" else device
 
 
 def evaluate(
@@ -56,7 +53,9 @@ def evaluate(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generation limit per answer.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 32,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    device: Annotated[str, typer.Option(
+        help="auto (the device training used, cpu when it is absent here), cpu or cuda[:N].")
+    ] = "auto",
     forgetting_texts: Annotated[
         int | None,
         typer.Option(help="Score only the first N of the 30 general-text paragraphs (quick runs)."),

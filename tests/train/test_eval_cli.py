@@ -50,3 +50,21 @@ def test_eval_needs_a_target_and_data(store, capsys: pytest.CaptureFixture) -> N
     assert _run(["eval", "--data", "x"]) == 2
     assert _run(["eval", "greeter"]) == 2
     assert "--data is required" in capsys.readouterr().err
+
+
+def test_eval_device_auto_uses_the_device_training_recorded(
+    adapter_factory, store, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = tmp_path / "lora"
+    shutil.copytree(adapter_factory(seed=3), folder)
+    data = tmp_path / "prepared"
+    data.mkdir()
+    row = {"messages": [{"role": "user", "content": "Say hello."},
+                        {"role": "assistant", "content": "Hello there!"}], "line": 1}
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
+    code = _run(["eval", "--dir", str(folder), "--data", str(data), "--max-new-tokens", "2",
+                 "--few-shot", "1", "--forgetting-texts", "3"])
+    assert code == 0
+    saved = json.loads((folder / "eval.json").read_text())
+    assert (saved["device"], saved["device_note"]) == ("cpu", "as in training")
