@@ -59,6 +59,26 @@ def test_dpo_from_a_parent_adapter(store, adapter_factory, tmp_path):
     assert systems["parent"]["mean_margin"] != systems["base"]["mean_margin"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["orpo", "kto"])
+def test_orpo_and_kto_from_a_parent_are_compared_against_it(store, adapter_factory, tmp_path,
+                                                            method):
+    parent = store.register(adapter_factory(seed=3, r=8), "sft-parent")
+    data = write_preference_data(tmp_path / "pref.jsonl")
+    recipe = load_recipe(write_recipe(
+        tmp_path / "recipe.yaml", data, tmp_path / method, method=method, parent="sft-parent",
+        max_steps=2, eval_steps=0, save_steps=0, max_seq_len=64, learning_rate=5e-4))
+    result = run(recipe, store=store, progress=False)
+    assert AdapterManifest.read(result.adapter_dir).parent == f"sft-parent@{parent.version}"
+    from train.eval import run_eval
+
+    doc = run_eval(result.adapter_dir, result.base, result.data_dir, max_examples=3,
+                   forgetting_texts=1, out_dir=tmp_path / "eval").doc
+    assert list(doc["systems"]) == ["base", "parent", "adapter"]
+    assert doc["verdict"]["baseline"] == "parent" and doc["method"] == method
+    assert doc["systems"]["parent"]["mean_margin"] != doc["systems"]["base"]["mean_margin"]
+
+
 def test_method_and_data_kind_must_agree(store, tmp_path):
     data = write_chat_data(tmp_path / "chat.jsonl", rows=12)
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", data, tmp_path / "out",
