@@ -27,10 +27,11 @@ requests`` streamed chat requests at concurrency ``--concurrency`` (tokens from 
 (other processes share the cores). They run after a warm-up request per adapter; the first (cold)
 request is timed separately. Startup is the time from spawn to a 200 on the health route (for the
 vLLM servers, after their adapters were loaded). Engines run with the same thread count
-(``--threads``, default: all cores), vLLM with its CPU thread binding off and prefix caching as
-``--prefix-caching`` says for both vLLM rows, llama.cpp on the Q4_1 GGUF, loradock-peft with
-``--base-dtype auto`` (its compute dtype measured at start). The prompts repeat (4 questions), so
-prefix caching changes the vLLM figures.
+(``--threads``, default: all cores), vLLM with its CPU thread binding off, prefix caching as
+``--prefix-caching`` says for both vLLM rows and loradock-peft, llama.cpp on the Q4_1 GGUF,
+loradock-peft with ``--base-dtype auto`` (its compute dtype measured at start). The prompts
+repeat (4 questions) and share the template's system turn, so prefix caching changes the
+figures.
 
 Ratios are against loradock-peft measured in the same run. Other processes share the cores on
 the development machines: the report records the load average before and after.
@@ -269,6 +270,8 @@ def start_loradock(engine: str, args, env, work: Path) -> Server:
         cmd += ["--engine-option", f"cache_dir={work / 'lora-gguf-cache'}"]
     if engine == "vllm":
         cmd += ["--engine-option", f"prefix_caching={args.prefix_caching == 'on'}"]
+    if engine == "peft" and args.prefix_caching == "off":
+        cmd += ["--engine-option", "prefix_cache_mb=0"]
     return Server(cmd, env, port, work / f"{engine}.log", "/health")
 
 
@@ -366,8 +369,8 @@ def main() -> None:
                         help="runs of each workload per server; the best rate is kept")
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset")
     parser.add_argument("--prefix-caching", choices=("off", "on"), default="off",
-                        help="vLLM prefix caching, for both vLLM rows (loradock's default: off; "
-                        "vLLM's server defaults to on)")
+                        help="prompt-prefix caching for every server that has it (vLLM's server "
+                        "and loradock-peft default to on)")
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "test" / "bases",
                         help="LORADOCK_CACHE (the converted base is reused from here)")
     parser.add_argument("--json", type=Path, help="also write the results here")
