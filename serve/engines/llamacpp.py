@@ -1,8 +1,13 @@
 """The ``llamacpp`` engine: a GGUF base in llama.cpp, hub adapters as GGUF LoRAs switched on it.
 
-The base is loaded once from a GGUF file: the embedded Q4_1 SmolLM2 for the ``smollm2`` base, or
-any GGUF given with ``--engine-option gguf=PATH`` (e.g. one written by ``loradock export gguf``).
-Each adapter is converted once per ``NAME@V`` into a GGUF LoRA (export's converter,
+The base is loaded once from a GGUF file: any GGUF given with ``--engine-option gguf=PATH``
+(e.g. one written by ``loradock export gguf``), else the embedded Q4_1 SmolLM2 for the
+``smollm2`` base, else the base's own GGUF built once by export (`export.pipeline.base_gguf`:
+llama.cpp's ``convert_hf_to_gguf.py`` for the families `export.llama_convert.uses_converter`
+names, loradock's writer for Llama; ``base_quant`` f16 or q8_0) into the cache folder
+(``gguf/NAME-FINGERPRINT.QUANT.gguf``, reused while the base is unchanged).
+Each adapter is converted once per ``NAME@V`` into a GGUF LoRA (export's converters: llama.cpp's
+``convert_lora_to_gguf.py`` where `uses_converter` says so, else
 `export.lora_gguf.write_lora_gguf`) and cached under the store's cache folder
 (``lora-gguf/NAME/vV-DIGEST.gguf``); up to ``max_adapters`` are kept loaded on the model at
 once (``llama_adapter_lora_init``) and switched per request on the same context
@@ -18,7 +23,7 @@ outputs (evaluating a prompt in one batch or in pieces rounds differently on the
 seen here: a token flipped). Outputs therefore depend only on the request.
 
 Options (``EngineConfig.options``; ``--engine-option KEY=VALUE``; see `LlamaCppOptions`):
-``gguf``, ``cache_dir``, ``lora_dtype``, ``n_batch``.
+``gguf``, ``cache_dir``, ``lora_dtype``, ``base_quant``, ``n_batch``.
 
 Where the job ends: token ids in, token ids out. Chat templates, tokenisation, stop strings and
 HTTP are the server front's; writing GGUF files is export's.
@@ -72,16 +77,19 @@ class LlamaCppOptions:
 
     Attributes:
         gguf: Base model GGUF file. Default: the embedded Q4_1 SmolLM2 for base ``smollm2``;
-            required for any other base.
-        cache_dir: Where converted GGUF LoRAs are kept. Default: ``$LORADOCK_CACHE`` or the
-            adapter store's ``cache`` folder.
+            for any other base, its GGUF converted once into ``cache_dir``.
+        cache_dir: Where converted GGUF LoRAs and base GGUFs (and llama.cpp's converter) are
+            kept. Default: ``$LORADOCK_CACHE``, else the adapter store's ``cache`` folder for
+            LoRAs and the default store's (``~/.loradock/cache``) for bases.
         lora_dtype: Storage type of converted LoRA tensors (``f32`` or ``f16``).
+        base_quant: Weight type of a base GGUF converted here (``f16`` or ``q8_0``).
         n_batch: Prompt tokens evaluated per llama.cpp decode call.
     """
 
     gguf: str = ""
     cache_dir: str = ""
     lora_dtype: Literal["f32", "f16"] = "f32"
+    base_quant: Literal["f16", "q8_0"] = "f16"
     n_batch: int = 512
 
     @classmethod
@@ -97,6 +105,8 @@ class LlamaCppOptions:
         opts.gguf, opts.cache_dir = str(opts.gguf or ""), str(opts.cache_dir or "")
         if opts.lora_dtype not in ("f32", "f16"):
             problems.append(f"lora_dtype must be f32 or f16, got {opts.lora_dtype!r}")
+        if opts.base_quant not in ("f16", "q8_0"):
+            problems.append(f"base_quant must be f16 or q8_0, got {opts.base_quant!r}")
         try:
             opts.n_batch = int(opts.n_batch)
             if opts.n_batch < 1:
@@ -156,17 +166,40 @@ class LlamaCppEngine:
 
     # -- lifecycle --------------------------------------------------------------------------
 
+    def _cache_root(self, adapter: AdapterRecord | None = None) -> Path:
+        """``cache_dir``, ``$LORADOCK_CACHE``, else the adapter's store cache (or the default)."""
+        root = self.options.cache_dir or os.environ.get("LORADOCK_CACHE") or ""
+        if root:
+            return Path(root).expanduser()
+        if adapter is not None:
+            return Path(adapter.path).parents[2] / "cache"
+        from hub.store import default_home
+
+        return default_home() / "cache"
+
     def _gguf_path(self) -> Path:
+        """The base GGUF: the option, the embedded one, or one converted once (worker thread)."""
         if self.options.gguf:
             return Path(self.options.gguf).expanduser()
         base = self.config.base
         if base.name == EMBEDDED_BASE and base.hf_id in ("", EMBEDDED_HF_ID):
             return embedded_gguf_path()
-        raise InvalidInput(
-            f"The llamacpp engine needs a GGUF file of base {base.name!r}",
-            fix="Export one with `loradock export gguf` and pass --engine-option gguf=PATH.",
-            param="engine_option",
-        )
+        from types import SimpleNamespace
+
+        from export.pipeline import base_gguf
+
+        cache = self._cache_root()
+        try:
+            # base_gguf reads only the store's cache folder.
+            return base_gguf(SimpleNamespace(cache=cache), base,  # type: ignore[arg-type]
+                             self.options.base_quant)
+        except Unsupported as exc:
+            raise Unsupported(
+                f"The llamacpp engine could not build a GGUF of base {base.name!r}: {exc.message}",
+                fix=f"{exc.fix} Or export one with `loradock export gguf` and pass "
+                "--engine-option gguf=PATH.",
+                param="engine_option",
+            ) from exc
 
     async def start(self) -> None:
         """Load the GGUF base on the worker thread."""
@@ -288,8 +321,7 @@ class LlamaCppEngine:
     def lora_path(self, adapter: AdapterRecord) -> Path:
         """Where the converted GGUF LoRA of ``adapter`` is cached."""
         validate_name(adapter.name)
-        root = self.options.cache_dir or os.environ.get("LORADOCK_CACHE") or ""
-        cache = Path(root).expanduser() if root else Path(adapter.path).parents[2] / "cache"
+        cache = self._cache_root(adapter)
         dtype = self.options.lora_dtype
         return (cache / "lora-gguf" / adapter.name
                 / f"v{adapter.version}-{adapter.digest[:16]}-{dtype}.gguf")
@@ -305,11 +337,18 @@ class LlamaCppEngine:
             raise StoreCorrupt(
                 f"Adapter {adapter_key(adapter)} has changed on disk: {', '.join(bad)}",
                 fix=f"Remove it (`loradock hub rm {adapter_key(adapter)}`) and register it again.")
+        from export.llama_convert import convert_lora, uses_converter
         from export.lora_gguf import read_base_config, write_lora_gguf
 
+        base_dir = Path(self.config.base.path)
+        config = read_base_config(base_dir)
         with atomic_file(out) as tmp:
-            write_lora_gguf(adapter.path, read_base_config(Path(self.config.base.path)), tmp,
-                            dtype=self.options.lora_dtype, name=adapter_key(adapter))
+            if uses_converter(config):
+                convert_lora(adapter.path, base_dir, tmp, cache=self._cache_root(adapter),
+                             dtype=self.options.lora_dtype)
+            else:
+                write_lora_gguf(adapter.path, config, tmp, dtype=self.options.lora_dtype,
+                                name=adapter_key(adapter))
         return out
 
     def _ensure_loaded(self, adapter: AdapterRecord) -> float:
