@@ -76,6 +76,18 @@ def written(card_folder: Path, base_info):
     return result, manifest, eval_doc
 
 
+def test_hyperparameters_table_leaves_out_empty_values(card_folder: Path, base_info) -> None:
+    manifest = make_manifest(base_info)
+    manifest.hyperparameters.update(license="", eval_prompts=[], card={}, max_grad_norm=None)
+    manifest.write(card_folder)
+    text = write_card(card_folder, base_info).path.read_text()
+    table = _sections(text)["Training procedure"].split("### ")[1]
+    hyper = {r[0]: r[1] for r in _rows(table)[1:]}
+    assert {"license", "eval_prompts", "card"}.isdisjoint(hyper)
+    assert hyper["max_grad_norm"] == "not recorded" and hyper["r"] == "8"
+    assert "| Licence | Apache-2.0" in text  # the licence is the Licence row's
+
+
 def test_card_loads_with_huggingface_hub_and_metadata_validates(written, base_info) -> None:
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -126,7 +138,7 @@ def test_every_figure_in_the_card_equals_the_manifest_and_eval_json(written, car
     hyper = {r[0]: _value(r[1]) for r in _rows(tables[1])[1:]}
     quant = {r[0]: _value(r[1]) for r in _rows(tables[2])[1:]}
     compute = {r[0]: _value(r[1]) for r in _rows(tables[3])[1:]}
-    assert hyper == manifest.hyperparameters
+    assert hyper == {k: v for k, v in manifest.hyperparameters.items() if v not in ("", [], {})}
     assert quant == manifest.quantization
     assert compute == manifest.compute
 
