@@ -15,6 +15,9 @@ once per machine. Quality is not gated here: the loss is computed in float32 eit
 (`train.lm_loss`), LoRA weights and optimizer states stay float32 (autocast), and evaluation
 after training runs on its own dtype.
 
+With bf16 chosen, causal attention forward + backward is timed the same way in both dtypes
+and the faster one recorded as ``attention`` (`train.attention_dtype` applies float32).
+
 The choice and its numbers go into the manifest (``compute.dtype_choice``).
 
 Where the job ends: this module returns a choice; loading the model in it is `train.quant`'s.
@@ -44,6 +47,9 @@ class DtypeChoice:
     float32_ms: float | None = None
     bfloat16_ms: float | None = None
     cached: bool = False
+    attention: str | None = None  # with bf16 compute: the faster attention dtype (measured)
+    attention_float32_ms: float | None = None
+    attention_bfloat16_ms: float | None = None
 
     def record(self) -> dict[str, Any]:
         """The manifest's ``compute.dtype_choice``."""
@@ -91,6 +97,23 @@ def time_training_matmuls(shapes: list[tuple[int, int]], dtype: Any, rows: int =
     return best * 1e3
 
 
+def time_attention(config: Any, dtype: Any, repeats: int = 3) -> float:
+    """Milliseconds of causal SDPA forward + backward at a training batch (8 x 64 tokens)."""
+    import torch
+    import torch.nn.functional as F
+
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads)
+    q, k, v = (torch.randn(8, heads, ROWS // 8, head_dim, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    best = float("inf")
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
+        best = min(best, time.perf_counter() - started)
+    return best * 1e3
+
+
 def choose_compute_dtype(asked: str, device: str, config: Any, threads: int,
                          cache_dir: Path | None = None) -> DtypeChoice:
     """The compute dtype for a run.
@@ -110,7 +133,8 @@ def choose_compute_dtype(asked: str, device: str, config: Any, threads: int,
 
     shapes = model_shapes(config)
     key = hashlib.sha256(json.dumps(
-        [cpu_flags(), torch.__version__, threads, shapes, ROWS]).encode()).hexdigest()[:24]
+        [cpu_flags(), torch.__version__, threads, shapes, ROWS, "attention"]).encode()
+    ).hexdigest()[:24]
     cached = _read_cache(cache_dir, key)
     if cached is not None:
         return cached
@@ -120,6 +144,10 @@ def choose_compute_dtype(asked: str, device: str, config: Any, threads: int,
         choice = DtypeChoice("bfloat16", f"measured: bf16 training matmuls {fp32 / bf16:.1f}x "
                              f"faster than fp32 on this CPU ({bf16:.1f} vs {fp32:.1f} ms)",
                              round(fp32, 2), round(bf16, 2))
+        a32 = time_attention(config, torch.float32)
+        a16 = time_attention(config, torch.bfloat16)
+        choice.attention = "float32" if a32 < a16 else "bfloat16"
+        choice.attention_float32_ms, choice.attention_bfloat16_ms = round(a32, 2), round(a16, 2)
     else:
         choice = DtypeChoice("float32", f"measured: bf16 training matmuls not faster than fp32 "
                              f"on this CPU ({bf16:.1f} vs {fp32:.1f} ms)",

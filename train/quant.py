@@ -45,19 +45,23 @@ class QuantSpec:
     compute_dtype: str
     quant_type: str = "nf4"
     double_quant: bool = True
+    attention_dtype: str | None = None  # float32: attention outside bf16 autocast (measured)
 
     @classmethod
-    def for_device(cls, device: Device, compute_dtype: str | None = None) -> QuantSpec:
+    def for_device(cls, device: Device, compute_dtype: str | None = None,
+                   attention_dtype: str | None = None) -> QuantSpec:
         """The spec for ``device``.
 
         Args:
             device: ``cpu`` or ``cuda``.
             compute_dtype: The dtype to use (`train.dtype_choice` measures it on CPU); None:
                 bfloat16 on CUDA, float32 on CPU.
+            attention_dtype: ``float32`` to run attention outside bf16 autocast (measured
+                faster on some CPUs, `train.attention_dtype`); None: the compute dtype.
         """
         if compute_dtype is None:
             compute_dtype = "bfloat16" if device == "cuda" else "float32"
-        return cls(device=device, compute_dtype=compute_dtype)
+        return cls(device=device, compute_dtype=compute_dtype, attention_dtype=attention_dtype)
 
     def torch_dtype(self) -> Any:
         """The compute dtype as a ``torch.dtype``."""

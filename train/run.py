@@ -329,7 +329,7 @@ def _train(
         choice = choose_compute_dtype(recipe.compute_dtype, device,
                                       AutoConfig.from_pretrained(base.path), threads,
                                       default_cache_dir())
-    spec = QuantSpec.for_device(device, choice.dtype)
+    spec = QuantSpec.for_device(device, choice.dtype, choice.attention)
     set_seed(recipe.seed)
     model = load_quantized_base(base.path, spec,
                                 gradient_checkpointing=recipe.gradient_checkpointing)

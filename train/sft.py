@@ -10,10 +10,11 @@ builds a block-diagonal causal mask from them, so a row never attends to another
 the same loss as unpacked). ``neftune_noise_alpha`` adds NEFTune's uniform noise to the
 embeddings in training only.
 
-Three changes to how TRL's trainer computes, none to what it computes (tested against the
+Changes to how TRL's trainer computes, none to what it computes (tested against the
 previous path on the real SmolLM2): the LM head scores only labelled positions
 (`train.lm_loss`), LoRA dropout keeps boolean masks (`train.lean_dropout`), and under bf16
-autocast the 4-bit layers return bf16 like any autocast linear (`train.autocast_4bit`).
+autocast the 4-bit layers return bf16 like any autocast linear (`train.autocast_4bit`) and
+attention runs in float32 where that was measured faster (`train.attention_dtype`).
 
 Where the job ends: this module builds the trainer. Running it, checkpoints and publishing the
 adapter folder are `train.run`'s.
@@ -28,6 +29,7 @@ from typing import Any
 
 from hub.errors import Unsupported
 from train.args import common_args, early_stopping_callbacks
+from train.attention_dtype import use_float32_attention
 from train.autocast_4bit import autocast_4bit_outputs
 from train.lean_dropout import use_lean_dropout
 from train.lm_loss import install_labelled_head
@@ -128,5 +130,7 @@ def build_sft_trainer(
     model = trainer.model
     use_lean_dropout(model)
     autocast_4bit_outputs(model)
+    if spec.compute_dtype == "bfloat16" and spec.attention_dtype == "float32":
+        use_float32_attention(model)
     install_labelled_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return trainer

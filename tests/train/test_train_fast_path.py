@@ -179,3 +179,25 @@ def test_loss_curve_matches_the_previous_path_on_smollm2(store, tmp_path, monkey
     # sign-like first update amplifies rounding (9 % off here), so it gets a wider band.
     assert measured_loss[0] == pytest.approx(old_loss[0], rel=0.03)
     assert measured_loss[1] == pytest.approx(old_loss[1], rel=0.15)
+
+
+def test_float32_attention_keeps_the_mask_and_the_values():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from train.attention_dtype import NAME, use_float32_attention
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=100,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding: without the mask the real tokens would attend to it
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        assert use_float32_attention(model) and model.config._attn_implementation == NAME
+        after = model(input_ids=ids, attention_mask=mask).logits
+        unmasked = model(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    assert not torch.allclose(after[0, 4:], unmasked[0, 4:], atol=1e-3)
