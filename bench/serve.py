@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--base-dtype", default="auto")
-    parser.add_argument("--lora-dtype", default="auto", choices=("auto", "compute", "fp32"))
+    parser.add_argument("--lora-dtype", default="compute", choices=("auto", "compute", "fp32"))
     parser.add_argument("--quick", action="store_true", help="8 requests x 16 tokens, 1 repeat")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--constrained-only", action="store_true",

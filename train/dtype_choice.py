@@ -25,13 +25,12 @@ Where the job ends: this module returns a choice; loading the model in it is `tr
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from hub.machine import Geometry, MeasurementCache, cache_root, cpu_flags
 
 MIN_SPEEDUP = 1.10
 ROWS = 512  # a batch of 8 rows of ~64 tokens, the demo's shape
@@ -56,27 +55,12 @@ class DtypeChoice:
         return asdict(self)
 
 
-def cpu_flags() -> str:
-    """The CPU's flag line (``/proc/cpuinfo``), for the cache key."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def model_shapes(config: Any) -> list[tuple[int, int]]:
     """``[(out, in)]`` of one decoder layer's projections and the LM head, from an HF config."""
-    hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    inter = int(config.intermediate_size)
-    return [(heads * head_dim, hidden), (kv * head_dim, hidden), (kv * head_dim, hidden),
-            (hidden, heads * head_dim), (inter, hidden), (inter, hidden), (hidden, inter),
-            (int(config.vocab_size) // 4, hidden)]  # a quarter: the labelled share of the head
+    g = Geometry.of(config)
+    return [(g.q, g.hidden), (g.kv, g.hidden), (g.kv, g.hidden), (g.hidden, g.q),
+            (g.intermediate, g.hidden), (g.intermediate, g.hidden), (g.hidden, g.intermediate),
+            (g.vocab // 4, g.hidden)]  # a quarter: the labelled share of the head
 
 
 def time_training_matmuls(shapes: list[tuple[int, int]], dtype: Any, rows: int = ROWS,
@@ -132,10 +116,9 @@ def choose_compute_dtype(asked: str, device: str, config: Any, threads: int,
     import torch
 
     shapes = model_shapes(config)
-    key = hashlib.sha256(json.dumps(
-        [cpu_flags(), torch.__version__, threads, shapes, ROWS, "attention"]).encode()
-    ).hexdigest()[:24]
-    cached = _read_cache(cache_dir, key)
+    cache = MeasurementCache(cache_dir, prefix="train-")
+    key = cache.key(cpu_flags(), torch.__version__, threads, shapes, ROWS, "attention")
+    cached = cache.read_as(key, DtypeChoice)
     if cached is not None:
         return cached
     fp32 = time_training_matmuls(shapes, torch.float32)
@@ -152,34 +135,10 @@ def choose_compute_dtype(asked: str, device: str, config: Any, threads: int,
         choice = DtypeChoice("float32", f"measured: bf16 training matmuls not faster than fp32 "
                              f"on this CPU ({bf16:.1f} vs {fp32:.1f} ms)",
                              round(fp32, 2), round(bf16, 2))
-    _write_cache(cache_dir, key, choice)
+    cache.write(key, asdict(choice))  # a read-only cache only costs a re-measurement next run
     return choice
 
 
 def default_cache_dir() -> Path:
     """``$LORADOCK_CACHE/dtype-choice`` or ``~/.cache/loradock/dtype-choice``."""
-    root = os.environ.get("LORADOCK_CACHE") or str(Path.home() / ".cache" / "loradock")
-    return Path(root) / "dtype-choice"
-
-
-def _read_cache(cache_dir: Path | None, key: str) -> DtypeChoice | None:
-    if cache_dir is None:
-        return None
-    try:
-        choice = DtypeChoice(**json.loads((cache_dir / f"train-{key}.json").read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-    choice.cached = True
-    return choice
-
-
-def _write_cache(cache_dir: Path | None, key: str, choice: DtypeChoice) -> None:
-    if cache_dir is None:
-        return
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".train-{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(asdict(choice)))
-        os.replace(tmp, cache_dir / f"train-{key}.json")
-    except OSError:  # a read-only cache only costs a re-measurement next run
-        pass
+    return cache_root() / "dtype-choice"

@@ -55,9 +55,12 @@ class PeftOptions:
         compute_dtype: ``auto`` (CPU: measured at start, see `serve.runtime.dtype_choice`;
             CUDA: bf16), or ``fp32``/``bf16`` to force it for ``nf4``/``nf4-dense``/``auto``
             weights (``--base-dtype fp32|bf16|fp16`` forces both weights and compute).
-        lora_dtype: ``auto`` (CPU: the faster of the compute dtype and fp32, measured at start
-            with the compute dtype; CUDA: the compute dtype), ``compute`` (LoRA weights and
-            deltas in the compute dtype) or ``fp32``.
+        lora_dtype: ``compute`` (LoRA weights and deltas in the compute dtype; the default),
+            ``fp32``, or ``auto`` (CPU: the faster of the two in the start-time LoRA timing of
+            `serve.runtime.dtype_choice`). Not ``auto`` by default: on an AVX512-BF16 machine
+            that timing (one layer, in isolation) favoured fp32, while whole decode steps with
+            one adapter at 16 rows ran faster with bf16 LoRA (bench/serve.py: one / base 0.48
+            with fp32 pools).
         prefix_cache_mb: Memory for prompt-prefix keys and values reused across requests of the
             same adapter (`serve.runtime.prefix_cache`); 0 turns reuse off.
         prefix_block: Tokens per reusable prefix block.
@@ -71,7 +74,7 @@ class PeftOptions:
     kv_initial_len: int = 256
     verify_adapters: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    lora_dtype: Literal["auto", "compute", "fp32"] = "auto"
+    lora_dtype: Literal["auto", "compute", "fp32"] = "compute"
     host_adapters: int = -1
     prefix_cache_mb: int = 64
     prefix_block: int = 8

@@ -16,8 +16,9 @@ native bf16), on others 2.5-7x faster (AVX512-BF16, AMX). So nothing is assumed.
    is ``>= MIN_KERNEL_SPEEDUP`` faster.
 4. **LoRA dtype**: the LoRA path itself (`serve.runtime.lora.LoraStack`, one layer's four
    projections, rank 16) is timed for one adapter at 1 and 16 rows and for 16 rows over 8
-   adapters, with the pool in the compute dtype and in fp32; fp32 is used when faster (small
-   bf16 GEMMs carry a large fixed cost on some CPUs: 3.5x slower than fp32 at one row here).
+   adapters, with the pool in the compute dtype and in fp32, and recorded; the engine follows it
+   with ``lora_dtype=auto`` (not its default: this one-layer timing and whole decode steps
+   disagreed on an AVX512-BF16 machine, see `serve.engines.peft.PeftOptions`).
 
 The result is logged and cached per (CPU flags, torch version, threads, base weights), so later
 starts on the same machine skip the measurement. ``--base-dtype fp32|bf16`` forces a choice.
@@ -27,14 +28,13 @@ Where the job ends: this module returns a choice; loading weights in it is `serv
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from hub.machine import Geometry, MeasurementCache, cache_root, cpu_flags
 
 if TYPE_CHECKING:
     import torch
@@ -72,17 +72,6 @@ class DtypeChoice:
     lora_compute_ms: float = 0.0
     lora_fp32_ms: float = 0.0
     cached: bool = False
-
-
-def cpu_flags() -> str:
-    """The CPU's flag line (``/proc/cpuinfo``), for cache keys and reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def time_matmuls(shapes: list[tuple[int, int]], dtype: torch.dtype, rows: int = BATCH,
@@ -152,10 +141,9 @@ def choose(model: Any, base_path: Path, weights_id: str, threads: int,
     """
     import torch
 
-    key = hashlib.sha256(json.dumps(
-        [CACHE_VERSION, cpu_flags(), torch.__version__, threads, weights_id]).encode()
-    ).hexdigest()[:24]
-    cached = _read_cache(cache_dir, key)
+    cache = MeasurementCache(cache_dir)
+    key = cache.key(CACHE_VERSION, cpu_flags(), torch.__version__, threads, weights_id)
+    cached = cache.read_as(key, DtypeChoice)
     if cached is not None:
         return cached
     shapes = model_shapes(model.config)
@@ -175,19 +163,16 @@ def choose(model: Any, base_path: Path, weights_id: str, threads: int,
             choice.reason = (f"bf16 is {fp32_ms / bf16_ms:.1f}x faster but top-1 agreement "
                              f"{choice.agreement:.1%} < {MIN_AGREEMENT:.0%}")
     add_kernel(choice, model.config)
-    _write_cache(cache_dir, key, choice)
+    if not cache.write(key, asdict(choice)):  # a read-only cache costs a re-measurement
+        log.warning("could not cache the dtype choice in %s", cache_dir)
     return choice
 
 
 def model_shapes(config: Any) -> list[tuple[int, int]]:
     """``[(out, in)]`` of four layers' fused projections and the lm_head: what is timed."""
-    hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    inter = int(config.intermediate_size)
-    return [((heads + 2 * kv) * head_dim, hidden), (hidden, heads * head_dim),
-            (2 * inter, hidden), (hidden, inter)] * 4 + [(int(config.vocab_size), hidden)]
+    g = Geometry.of(config)
+    return [(g.q + 2 * g.kv, g.hidden), (g.hidden, g.q), (2 * g.intermediate, g.hidden),
+            (g.hidden, g.intermediate)] * 4 + [(g.vocab, g.hidden)]
 
 
 def time_lora(config: Any, dtype: torch.dtype, compute: torch.dtype, repeats: int = 5) -> float:
@@ -196,10 +181,9 @@ def time_lora(config: Any, dtype: torch.dtype, compute: torch.dtype, repeats: in
 
     from serve.runtime.lora import AdapterWeights, LoraStack
 
-    (qkv, hidden), (_, q), (gate_up, _), (_, inter) = model_shapes(config)[:4]
-    kv = (qkv - q) // 2
-    shapes = {"qkv": (hidden, [q, kv, kv]), "o": (q, [hidden]),
-              "gate_up": (hidden, [gate_up // 2, gate_up // 2]), "down": (inter, [hidden])}
+    g = Geometry.of(config)
+    shapes = {"qkv": (g.hidden, [g.q, g.kv, g.kv]), "o": (g.q, [g.hidden]),
+              "gate_up": (g.hidden, [g.intermediate] * 2), "down": (g.intermediate, [g.hidden])}
     rank, adapters = 16, 8
     stack = LoraStack(shapes, adapters, dtype=dtype)
     offsets = {name: [sum(sizes[:i]) for i in range(len(sizes))]
@@ -247,29 +231,4 @@ def add_kernel(choice: DtypeChoice, config: Any) -> DtypeChoice:
 
 def default_cache_dir() -> Path:
     """``$LORADOCK_CACHE/dtype-choice`` or ``~/.cache/loradock/dtype-choice``."""
-    root = os.environ.get("LORADOCK_CACHE") or str(Path.home() / ".cache" / "loradock")
-    return Path(root) / "dtype-choice"
-
-
-def _read_cache(cache_dir: Path | None, key: str) -> DtypeChoice | None:
-    if cache_dir is None:
-        return None
-    try:
-        data = json.loads((cache_dir / f"{key}.json").read_text())
-        choice = DtypeChoice(**data)
-    except (OSError, ValueError, TypeError):
-        return None
-    choice.cached = True
-    return choice
-
-
-def _write_cache(cache_dir: Path | None, key: str, choice: DtypeChoice) -> None:
-    if cache_dir is None:
-        return
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(asdict(choice)))
-        os.replace(tmp, cache_dir / f"{key}.json")
-    except OSError as exc:  # a read-only cache only costs a re-measurement next start
-        log.warning("could not cache the dtype choice: %s", exc)
+    return cache_root() / "dtype-choice"
