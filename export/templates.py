@@ -46,6 +46,7 @@ PROBES: tuple[tuple[tuple[str, str], ...], ...] = (
     (("system", _S), ("user", _U1), ("assistant", _A1), ("user", _U2), ("assistant", _A2)),
 )
 _LAST = '(eq (len (slice $.Messages $i)) 1)'
+THINK = "<think>\n\n</think>\n\n"  # Qwen3's empty thinking block
 
 
 @dataclass
@@ -175,10 +176,19 @@ def _chatml(render: Render, strip: Callable[[str], str]) -> Translation:
     if default is not None:
         go += ('{{ if and (eq $i 0) (ne $m.Role "system") }}<|im_start|>system\n'
                f"{go_literal(default)}<|im_end|>\n{{{{ end }}}}")
-    go += ("<|im_start|>{{ $m.Role }}\n{{ $m.Content }}<|im_end|>\n"
+    # Qwen3 prints an empty thinking block before the last answer's content.
+    pair = strip(render(_messages(PROBES[2]), False))
+    think = THINK if f"<|im_start|>assistant\n{THINK}{_A1}" in pair else ""
+    go += "<|im_start|>{{ $m.Role }}\n"
+    if think:
+        go += f'{{{{ if and {_LAST} (eq $m.Role "assistant") }}}}{go_literal(think)}{{{{ end }}}}'
+    go += ("{{ $m.Content }}<|im_end|>\n"
            f'{{{{ if and {_LAST} (ne $m.Role "assistant") }}}}<|im_start|>assistant\n{{{{ end }}}}'
            "\n{{- end }}")
-    return Translation("chatml", go, ["<|im_start|>", "<|im_end|>"], default_system=default)
+    result = Translation("chatml", go, ["<|im_start|>", "<|im_end|>"], default_system=default)
+    if think:
+        result.notes.append("Qwen3's empty thinking block is written before the last answer.")
+    return result
 
 
 def _llama3(render: Render, strip: Callable[[str], str]) -> Translation:

@@ -50,10 +50,13 @@ CONFIGS = {
               "add_bos_token": False},
     "gemma2": {"chat_template": GEMMA2, "bos_token": "<bos>", "eos_token": "<eos>",
                "add_bos_token": True},
+    "qwen3": {"chat_template": QWEN3, "bos_token": "", "eos_token": "<|im_end|>",
+              "add_bos_token": False},
 }
 FAMILY = {"chatml": "chatml", "llama3": "llama3", "mistral-first": "mistral",
           "mistral-last": "mistral", "gemma": "gemma", "gemma-no-system": "gemma",
-          "phi3": "phi3", "phi3-no-system": "phi3", "qwen2": "chatml", "gemma2": "gemma"}
+          "phi3": "phi3", "phi3-no-system": "phi3", "qwen2": "chatml", "gemma2": "gemma",
+          "qwen3": "chatml"}
 
 SYSTEM = {"role": "system", "content": "You answer in French.\nKeep it short."}
 CONVERSATIONS = {
@@ -164,10 +167,6 @@ def test_a_family_variant_that_renders_differently_is_refused() -> None:
     odd = CHATML.replace("'<|im_end|>' + '\\n'", "'<|im_end|>' + '\\n\\n'")
     with pytest.raises(Unsupported, match="renders differently"):
         translate(odd)
-    # Qwen3's empty thinking block on the last answer has no Go translation yet: refused, not
-    # written wrong.
-    with pytest.raises(Unsupported, match="renders differently"):
-        translate(QWEN3, eos_token="<|im_end|>")
 
 
 def test_ollama_values_collate_like_ollama() -> None:
