@@ -27,12 +27,18 @@ MAX_TOKENS = 12
 
 
 def _sdist() -> Path:
-    from export.llama_convert import llama_cpp_version
+    """The pinned llama-cpp-python sdist: where `make` put it (SDIST_ENV), else the test cache."""
+    import os
+
+    from export.llama_convert import SDIST_ENV, llama_cpp_version
     from tests.conftest import TEST_CACHE
 
     path = TEST_CACHE / "bases" / "sdist" / f"llama_cpp_python-{llama_cpp_version()}.tar.gz"
+    given = Path(os.environ.get(SDIST_ENV, ""))
+    if os.environ.get(SDIST_ENV) and given.is_file():
+        return given
     if not path.is_file():
-        pytest.skip(f"{path.name} is not in the test cache (needed offline)")
+        pytest.skip(f"{path.name} is not in the test cache nor at ${SDIST_ENV} (needed offline)")
     return path
 
 
