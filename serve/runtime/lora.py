@@ -80,13 +80,6 @@ class AdapterCopy:
                    for a, bts in self.rows.values())
 
 
-def torch_zeros_like_pool(capacity: int, row: torch.Tensor) -> torch.Tensor:
-    """A zeroed ``[capacity, *row.shape]`` pool tensor (untouched slots cost no memory)."""
-    import torch
-
-    return torch.zeros(capacity, *row.shape, dtype=row.dtype, device=row.device)
-
-
 @dataclass
 class Pool:
     """All resident adapters of one rank."""
@@ -162,17 +155,25 @@ class LoraStack:
 
     def install(self, weights: AdapterWeights) -> int:
         """Copy ``weights`` into a free index of its rank's pool; return the slot."""
+        return self._write(weights.rank, {key: (a.T, bts)
+                                          for key, (a, bts) in weights.modules.items()})
+
+    def _write(self, r: int, rows: dict[ModuleKey, tuple[torch.Tensor, list[torch.Tensor]]],
+               ) -> int:
+        """Copy pool-layout rows into a free index of the rank-``r`` pool; return the slot.
+
+        ``rows`` is ``{key: (A^T, [B^T per part])}``; the pool and its tensors per key are
+        created on first use.
+        """
         import torch
 
-        pool = self.pools.get(weights.rank)
+        pool = self.pools.get(r)
         if pool is None:
-            pool = self.pools[weights.rank] = Pool(weights.rank, self.capacity,
-                                                   free=list(range(self.capacity)))
+            pool = self.pools[r] = Pool(r, self.capacity, free=list(range(self.capacity)))
         if not pool.free:
-            raise RuntimeError(f"LoRA pool of rank {weights.rank} is full")
+            raise RuntimeError(f"LoRA pool of rank {r} is full")
         index = pool.free.pop(0)
-        r = weights.rank
-        for key, (a, bts) in weights.modules.items():
+        for key, (at, bts) in rows.items():
             in_f, sizes = self.shapes[key[1]]
             if key not in pool.at:
                 pool.at[key] = torch.zeros(pool.capacity, in_f, len(sizes) * r, dtype=self.dtype,
@@ -180,7 +181,7 @@ class LoraStack:
                 pool.bt[key] = [torch.zeros(pool.capacity, r, size, dtype=self.dtype,
                                             device=self.device) for size in sizes]
                 pool.targets[key] = set()
-            pool.at[key][index].copy_(a.T)
+            pool.at[key][index].copy_(at)
             for dst, bt in zip(pool.bt[key], bts, strict=True):
                 dst[index].copy_(bt)
             pool.targets[key].add(index)
@@ -209,19 +210,7 @@ class LoraStack:
 
     def restore(self, copy: AdapterCopy) -> int:
         """Install a `snapshot` into a free index of its rank's pool; return the slot."""
-        weights = AdapterWeights({}, copy.rank)
-        slot = self.install(weights)  # creates the pool if needed, takes a free index
-        pool, index = self.pools[copy.rank], slot % SLOT_BASE
-        for key, (at, bts) in copy.rows.items():
-            if key not in pool.at:
-                pool.at[key] = torch_zeros_like_pool(pool.capacity, at)
-                pool.bt[key] = [torch_zeros_like_pool(pool.capacity, bt) for bt in bts]
-                pool.targets[key] = set()
-            pool.at[key][index].copy_(at)
-            for dst, bt in zip(pool.bt[key], bts, strict=True):
-                dst[index].copy_(bt)
-            pool.targets[key].add(index)
-        return slot
+        return self._write(copy.rank, copy.rows)
 
     def has_room(self, rank: int) -> bool:
         """True when an adapter of ``rank`` can be installed without evicting."""

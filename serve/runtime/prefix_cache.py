@@ -67,7 +67,6 @@ class PrefixCache:
         self._blocks: OrderedDict[tuple[str | None, int], Block] = OrderedDict()
         self.nbytes = 0
         self.hit_tokens = 0
-        self.stored_blocks = 0
 
     @property
     def enabled(self) -> bool:
@@ -122,7 +121,6 @@ class PrefixCache:
                           self.kv.v[:, row, :, start:end].clone())
             self._blocks[(adapter, key)] = entry
             self.nbytes += entry.nbytes
-            self.stored_blocks += 1
         while self.nbytes > self.max_bytes and self._blocks:
             _, evicted = self._blocks.popitem(last=False)
             self.nbytes -= evicted.nbytes

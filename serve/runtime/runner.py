@@ -85,13 +85,11 @@ class ModelRunner:
         self.final_norm = (self.inner.norm.weight.detach().float()
                            + self.spec.norm_offset).to(self.dtype)
         self.lm_head = Projection(model.lm_head.weight)
-        choice = base.dtype_choice
-        self.kernel = "linear"
-        if choice is not None and choice.kernel == "onednn":
+        if base.dtype_choice is not None and base.dtype_choice.kernel == "onednn":
             # The embedding keeps its (tied) weight; the lm_head gets its own reordered copy.
-            projections = [getattr(layer, name) for layer in self.layers for name in PROJECTIONS]
-            if all(p.pack() for p in [*projections, self.lm_head]):
-                self.kernel = "onednn"
+            for p in [*(getattr(layer, name) for layer in self.layers for name in PROJECTIONS),
+                      self.lm_head]:
+                p.pack()  # False (kept on F.linear) where this torch build has no oneDNN
         softcap_attr = self.spec.final_softcap_attr
         self.final_softcap = getattr(model.config, softcap_attr, None) if softcap_attr else None
         self.cache = KVCache(

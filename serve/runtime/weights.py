@@ -66,7 +66,6 @@ class Projection:
         """Wrap a dense weight, or modules whose outputs are concatenated (then permuted)."""
         self.weight, self.bias, self.modules, self.out_index = weight, bias, modules, out_index
         self.packed: torch.Tensor | None = None
-        self.shape = None if weight is None else tuple(weight.shape)
 
     def pack(self) -> bool:
         """Replace the dense weight by its oneDNN layout (held once); False if not possible."""
