@@ -153,7 +153,8 @@ async def bench(args, base, prompts, sets: dict, results: dict) -> None:
     engine = create_engine("peft", EngineConfig(
         base=base, base_dtype=args.base_dtype, max_running=max(32, len(prompts)),
         max_adapters=8, max_model_len=1024, threads=args.threads,
-        options={"lora_dtype": args.lora_dtype}))
+        options={"lora_dtype": args.lora_dtype,
+                 "single_thread_rows": args.single_thread_rows}))
     await engine.start()
     try:
         results["engine"] = engine.health().detail
@@ -307,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--base-dtype", default="auto")
     parser.add_argument("--lora-dtype", default="compute", choices=("auto", "compute", "fp32"))
+    parser.add_argument("--single-thread-rows", type=int, default=-1,
+                        help="passes of at most this many tokens on one thread (-1: measured, "
+                             "0: all threads always); see serve.runtime.threads_choice")
     parser.add_argument("--quick", action="store_true", help="8 requests x 16 tokens, 1 repeat")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--constrained-only", action="store_true",

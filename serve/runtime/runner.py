@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from serve.runtime.base import LoadedBase
+    from serve.runtime.threads_choice import ThreadPlan
 
 # (KV row, prompt token ids of this chunk, start position, LoRA slot or -1)
 PrefillChunk = tuple[int, list[int], int, int]
@@ -103,6 +104,8 @@ class ModelRunner:
         self.lora = LoraStack(self.shapes, max_adapters, dtype=lora_dtype or self.dtype,
                               device=self.device)
         self._plan: LoraBatch | None = None
+        # Threads per pass (serve.runtime.threads_choice); None: leave torch's setting alone.
+        self.thread_plan: ThreadPlan | None = None
         self.qk = (self.heads + self.kv_heads) * self.head_dim
         self.inter = self.shapes["down"][0]
         self._torch = torch
@@ -175,6 +178,8 @@ class ModelRunner:
             positions += range(start, start + size)
             slots += [slot] * size
         longest = max(positions) + 1
+        if self.thread_plan is not None:
+            torch.set_num_threads(self.thread_plan.for_tokens(len(ids)))
         self.cache.ensure(longest)
         plan = self.plan_for(slots) if not chunks else self.lora.plan(slots)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
