@@ -158,14 +158,16 @@ async def bench(args, base, prompts, sets: dict, results: dict) -> None:
     await engine.start()
     try:
         results["engine"] = engine.health().detail
-        one_req = lambda record: GenerationRequest(  # noqa: E731
-            f"ttft-{time.monotonic_ns()}", prompts[0], record,
+        # Each TTFT request asks a new question (prompts[i]), so no prompt is whole in the
+        # prefix cache; warm and cold differ only in whether the adapter is resident.
+        one_req = lambda record, i: GenerationRequest(  # noqa: E731
+            f"ttft-{time.monotonic_ns()}", prompts[i % len(prompts)], record,
             SamplingParams(max_tokens=2, temperature=0.0))
         heavy = sets["all_linear"]
         rss0 = rss_bytes()
-        cold_first, load_first = await first_token_s(engine, one_req(heavy[0]))
-        warm = min([(await first_token_s(engine, one_req(heavy[0])))[0] for _ in range(3)])
-        cold_later, load_later = await first_token_s(engine, one_req(heavy[1]))
+        cold_first, load_first = await first_token_s(engine, one_req(heavy[0], 0))
+        warm = min([(await first_token_s(engine, one_req(heavy[0], i)))[0] for i in (1, 2, 3)])
+        cold_later, load_later = await first_token_s(engine, one_req(heavy[1], 4))
         for record in heavy[2:]:
             await engine.load_adapter(record)
         rss1 = rss_bytes()

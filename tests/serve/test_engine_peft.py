@@ -326,6 +326,42 @@ def test_changed_adapter_files_are_refused(engine, store, adapter_factory, promp
     assert "tampered@1" not in engine.health().resident_adapters
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_non_finite_adapter_weights_are_refused(engine, store, adapter_factory, prompts, bad):
+    from safetensors.torch import load_file, save_file
+
+    folder = adapter_factory(seed=31, r=4)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(k for k in tensors if "lora_B" in k)[5]
+    tensors[name][1, 2] = float(bad)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    record = store.register(folder, f"nonfinite-{bad.strip('-')}{'-neg' if '-' in bad else ''}")
+
+    async def go():
+        stream = engine.generate(request(prompts[1], record, max_tokens=2))
+        with pytest.raises(InvalidInput, match="NaN or inf"):
+            await stream.__anext__()
+
+    run(go())
+    assert f"{record.name}@1" not in engine.health().resident_adapters
+
+
+def test_finite_values_whose_sum_overflows_are_not_called_non_finite():
+    import torch
+    from safetensors.torch import save
+
+    from serve.runtime.adapter_files import _all_finite
+
+    tensors = {"a": torch.full((4, 4), 3e38), "b": torch.zeros(4, 4)}
+    data = save(tensors)
+    assert _all_finite(data, tensors)  # the sum is inf; the element-wise check decides
+    tensors["b"][0, 0] = float("nan")
+    assert not _all_finite(save(tensors), tensors)
+    mixed = {"a": torch.ones(2, dtype=torch.float16), "b": torch.tensor([1.0, float("inf")])}
+    assert not _all_finite(save(mixed), mixed)
+
+
 CAPABILITY_CASES = [
     ("dora", dict(use_dora=True)),
     ("modules_to_save", dict(modules_to_save=["lm_head"])),
