@@ -224,7 +224,7 @@ class PeftEngine:
 
         from serve.runtime import threads_choice
         from serve.runtime.adapter_cache import AdapterCache
-        from serve.runtime.adapter_files import read_adapter
+        from serve.runtime.adapter_files import read_adapter, warm_reader
         from serve.runtime.base import load_base
         from serve.runtime.prefix_cache import PrefixCache
         from serve.runtime.runner import ModelRunner
@@ -248,7 +248,8 @@ class PeftEngine:
             return read_adapter(record, runner.weights, leaves, max_rank=cfg.max_lora_rank,
                                 dtype=runner.lora.dtype, verify=opts.verify_adapters)
 
-        warm_up(runner, min(WARM_RANK, cfg.max_lora_rank))
+        warm_rank = min(WARM_RANK, cfg.max_lora_rank)
+        warm_up(runner, warm_rank)
         choice = base.dtype_choice
         runner.thread_plan = threads_choice.choose(
             runner, self._threads,
@@ -266,6 +267,7 @@ class PeftEngine:
             prefix=PrefixCache(runner.cache, opts.prefix_cache_mb << 20, opts.prefix_block),
         )
         cache.on_loaded = scheduler.wake.set
+        cache.warm(lambda: warm_reader(runner.weights, leaves, warm_rank, runner.lora.dtype))
         scheduler.start()
         self._runner, self._cache, self._scheduler = runner, cache, scheduler
         self._detail = (f"family={runner.spec.model_type} weights={base.dtype_name} "

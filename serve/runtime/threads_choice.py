@@ -116,6 +116,7 @@ def measure(runner: ModelRunner, threads: int) -> ThreadPlan:
     finally:
         torch.set_num_threads(threads)
         cache.shrink(0)
+        cache.shrink_to(0)  # back to the initial KV length (the steps ran at POSITION)
     shown = ", ".join(f"{b}: {t[0]:.1f}/{t[1]:.1f}" for b, t in plan.timings.items())
     plan.reason = (f"passes of <= {plan.single_max_rows} tokens on one thread (decode step ms, "
                    f"1/{threads} threads, by batch: {shown})")

@@ -27,6 +27,9 @@ class _Cache:
     def allocate(self) -> int:
         return 0
 
+    def shrink_to(self, longest: int) -> None:
+        pass
+
 
 class _Runner:
     def __init__(self, rows: int) -> None:
@@ -118,3 +121,18 @@ def test_small_passes_on_one_thread_decode_the_same_tokens(base_info, prompts):
             run(engine.shutdown(drain_timeout_s=5))
     assert results[0] == results[1]
     assert all(len(tokens) > 0 for tokens in results[0])
+
+
+def test_a_real_measurement_times_every_batch_and_leaves_the_kv_cache_as_it_was(
+        base_info, monkeypatch, tmp_path):
+    monkeypatch.setenv("LORADOCK_CACHE", str(tmp_path))  # nothing cached: measured now
+    engine = start_engine(base_info, max_running=2, threads=2, options={"kv_initial_len": 64})
+    try:
+        plan = engine._runner.thread_plan
+        assert not plan.cached and set(plan.timings) <= {"1", "2"} and "1" in plan.timings
+        assert all(ms > 0 for pair in plan.timings.values() for ms in pair)
+        assert plan.single_max_rows in (0, 1, 2)
+        cache = engine._runner.cache
+        assert cache.capacity == 64 and cache.lengths == [0, 0]
+    finally:
+        run(engine.shutdown(drain_timeout_s=5))
