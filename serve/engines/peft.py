@@ -249,14 +249,7 @@ class PeftEngine:
                                 dtype=runner.lora.dtype, verify=opts.verify_adapters)
 
         warm_rank = min(WARM_RANK, cfg.max_lora_rank)
-        warm_up(runner, warm_rank)
         choice = base.dtype_choice
-        runner.thread_plan = threads_choice.choose(
-            runner, self._threads,
-            [str(Path(cfg.base.path).resolve()), base.dtype_name, str(runner.dtype),
-             choice.kernel if choice else "", str(runner.lora.dtype)],
-            None if opts.single_thread_rows < 0 else opts.single_thread_rows,
-            MeasurementCache(cache_root() / "thread-plan"))
         host = cfg.max_adapters if opts.host_adapters < 0 else opts.host_adapters
         cache = AdapterCache(runner.lora, cfg.max_adapters, reader, step_lock,
                              host_capacity=host)
@@ -268,7 +261,18 @@ class PeftEngine:
         )
         cache.on_loaded = scheduler.wake.set
         cache.warm(lambda: warm_reader(runner.weights, leaves, warm_rank, runner.lora.dtype))
-        scheduler.start()
+
+        def prologue() -> None:  # on the scheduler's thread, before it serves
+            warm_up(runner, warm_rank)
+            runner.thread_plan = threads_choice.choose(
+                runner, self._threads,
+                [str(Path(cfg.base.path).resolve()), base.dtype_name, str(runner.dtype),
+                 choice.kernel if choice else "", str(runner.lora.dtype)],
+                None if opts.single_thread_rows < 0 else opts.single_thread_rows,
+                MeasurementCache(cache_root() / "thread-plan"))
+            warm_up(runner, warm_rank)  # once more with the plan's thread counts
+
+        scheduler.start(prologue)
         self._runner, self._cache, self._scheduler = runner, cache, scheduler
         self._detail = (f"family={runner.spec.model_type} weights={base.dtype_name} "
                         f"compute={choice.dtype if choice else runner.dtype} "

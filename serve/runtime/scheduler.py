@@ -31,6 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -125,10 +126,34 @@ class Scheduler:
 
     # -- called from the event loop ---------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the worker thread."""
-        self.thread = threading.Thread(target=self._run, name="peft-scheduler", daemon=True)
+    def start(self, prologue: Callable[[], None] | None = None) -> None:
+        """Start the worker thread; it runs ``prologue`` first, and this waits for it.
+
+        The engine's warm-up passes run there, on the thread that will run every pass (its
+        OpenMP team and first-use costs are then paid before the first request).
+
+        Raises:
+            Exception: Whatever ``prologue`` raised (the thread has then stopped).
+        """
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            if prologue is not None:
+                try:  # not under inference_mode: tensors it creates (LoRA pools) stay writable
+                    prologue()
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                    failure.append(exc)
+                    ready.set()
+                    return
+            ready.set()
+            self._run()
+
+        self.thread = threading.Thread(target=run, name="peft-scheduler", daemon=True)
         self.thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
 
     def submit(self, request: GenerationRequest, sink: TokenSink) -> None:
         """Queue a validated request.
