@@ -330,6 +330,10 @@ class Scheduler:
         with self.lock:
             wanted = [s for s in self.waiting if s.key is not None and s.load_error is None]
         self.cache.protected = frozenset(s.key for s in wanted)
+        if self.cache.draining and all(self.cache.get(k) is None for k in self.cache.draining):
+            # The drained adapter gave its slot up: the next starving request may drain another
+            # (kept, this blocked every later drain, and the old victim's next load, for good).
+            self.cache.draining = frozenset()
         blocked: Sequence | None = None
         oldest: dict[str, float] = {}  # adapter -> submission time of its oldest waiting request
         for seq in wanted:

@@ -82,6 +82,50 @@ def test_a_cold_adapter_is_not_starved_by_traffic_to_a_resident_one(base_info, p
         run(engine.shutdown(drain_timeout_s=5))
 
 
+def test_adapters_under_steady_traffic_take_turns_in_one_slot(base_info, prompts, store,
+                                                              adapter_factory):
+    """One slot, two adapters each always wanted: A is drained for B, then B for A again.
+
+    A drained adapter that has given its slot up no longer blocks the next drain (it used to
+    stay marked, so A waited for as long as B's traffic lasted).
+    """
+    a, b = (store.register(adapter_factory(seed=40 + i, r=8), f"turns-{n}")
+            for i, n in enumerate("ab"))
+    engine = start_engine(base_info, max_adapters=1, max_running=8)
+    try:
+        done = {"a": 0, "b": 0}
+
+        async def busy(name, record, stop: asyncio.Event) -> None:
+            while not stop.is_set():  # always a request in flight for this adapter
+                await collect(engine, request(prompts[0], record, max_tokens=8,
+                                              stop_token_ids=[]))
+                done[name] += 1
+
+        async def until(predicate, limit: float) -> float:
+            started = time.monotonic()
+            while not predicate() and time.monotonic() - started < limit:
+                await asyncio.sleep(0.05)
+            return time.monotonic() - started
+
+        async def go():
+            stop = asyncio.Event()
+            clients = [asyncio.create_task(busy("a", a, stop)) for _ in range(3)]
+            await until(lambda: done["a"] > 0, 60)
+            clients += [asyncio.create_task(busy("b", b, stop)) for _ in range(3)]
+            waited_b = await until(lambda: done["b"] > 0, 30)
+            a_then = done["a"]
+            waited_a = await until(lambda: done["a"] > a_then, 30)
+            stop.set()
+            await asyncio.gather(*clients)
+            return waited_b, waited_a
+
+        waited_b, waited_a = run(go())
+        assert waited_b < 30, f"B waited {waited_b:.1f} s for its first turn"
+        assert waited_a < 30, f"A waited {waited_a:.1f} s for its turn back"
+    finally:
+        run(engine.shutdown(drain_timeout_s=5))
+
+
 def test_kv_memory_shrinks_back_after_a_long_request(base_info, prompts):
     engine = start_engine(base_info, max_running=2, options={"kv_initial_len": 64})
     try:
