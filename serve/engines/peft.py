@@ -263,14 +263,15 @@ class PeftEngine:
         cache.warm(lambda: warm_reader(runner.weights, leaves, warm_rank, runner.lora.dtype))
 
         def prologue() -> None:  # on the scheduler's thread, before it serves
-            warm_up(runner, warm_rank)
+            # The plan first (a measurement times best-of-several steps, so it needs no warm-up
+            # of its own), then one warm-up with the plan's thread counts.
             runner.thread_plan = threads_choice.choose(
                 runner, self._threads,
                 [str(Path(cfg.base.path).resolve()), base.dtype_name, str(runner.dtype),
                  choice.kernel if choice else "", str(runner.lora.dtype)],
                 None if opts.single_thread_rows < 0 else opts.single_thread_rows,
                 MeasurementCache(cache_root() / "thread-plan"))
-            warm_up(runner, warm_rank)  # once more with the plan's thread counts
+            warm_up(runner, warm_rank)
 
         scheduler.start(prologue)
         self._runner, self._cache, self._scheduler = runner, cache, scheduler
