@@ -273,7 +273,11 @@ class PeftEngine:
                 MeasurementCache(cache_root() / "thread-plan"))
             warm_up(runner, warm_rank)
 
-        scheduler.start(prologue)
+        try:
+            scheduler.start(prologue)
+        except BaseException:
+            cache.close()  # its loader thread was started above
+            raise
         self._runner, self._cache, self._scheduler = runner, cache, scheduler
         self._detail = (f"family={runner.spec.model_type} weights={base.dtype_name} "
                         f"compute={choice.dtype if choice else runner.dtype} "
