@@ -153,7 +153,7 @@ async def bench(args, base, prompts, sets: dict, results: dict) -> None:
     engine = create_engine("peft", EngineConfig(
         base=base, base_dtype=args.base_dtype, max_running=max(32, len(prompts)),
         max_adapters=8, max_model_len=1024, threads=args.threads,
-        options={"lora_dtype": args.lora_dtype,
+        options={"lora_dtype": args.lora_dtype, "lora_kernel": args.lora_kernel,
                  "single_thread_rows": args.single_thread_rows}))
     await engine.start()
     try:
@@ -221,7 +221,7 @@ async def constrained_cost(args, base, prompts, records) -> dict[str, float]:
     engine = create_engine("peft", EngineConfig(
         base=base, base_dtype=args.base_dtype, max_running=max(32, len(prompts)),
         max_adapters=8, max_model_len=1024, threads=args.threads,
-        options={"lora_dtype": args.lora_dtype}))
+        options={"lora_dtype": args.lora_dtype, "lora_kernel": args.lora_kernel}))
     await engine.start()
     try:
         await throughput(engine, requests(prompts[:4], records, 4, "warm-constrained"))
@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--base-dtype", default="auto")
     parser.add_argument("--lora-dtype", default="compute", choices=("auto", "compute", "fp32"))
+    parser.add_argument("--lora-kernel", default="auto", choices=("auto", "native", "torch"),
+                        help="the multi-LoRA delta's kernel (auto: measured at start)")
     parser.add_argument("--single-thread-rows", type=int, default=-1,
                         help="passes of at most this many tokens on one thread (-1: measured, "
                              "0: all threads always); see serve.runtime.threads_choice")

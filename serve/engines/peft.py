@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from hub.errors import EngineUnavailable, InvalidInput
+from hub.errors import EngineUnavailable, InvalidInput, Unsupported
 from hub.machine import MeasurementCache, cache_root
 from serve.engine import EngineConfig, EngineHealth, GenerationRequest
 from serve.runtime.stats import EngineStats
@@ -63,6 +63,13 @@ class PeftOptions:
             that timing (one layer, in isolation) favoured fp32, while whole decode steps with
             one adapter at 16 rows ran faster with bf16 LoRA (bench/serve.py: one / base 0.48
             with fp32 pools).
+        lora_kernel: How the mixed-batch LoRA delta is computed: ``torch`` (gathers and
+            batched matmuls), ``native`` (one C call per projection, `serve.runtime.native`),
+            or ``auto`` (the default: on CPU the faster of the two in the start-time timing of
+            `serve.runtime.dtype_choice`, native only where its deltas agree with torch's).
+        attention_kernel: Decode attention by ``sdpa`` (torch's), ``native`` (one C call per
+            layer, `serve.runtime.native`) or ``auto`` (the default: measured at start on CPU,
+            `serve.runtime.dtype_choice`).
         prefix_cache_mb: Memory for prompt-prefix keys and values reused across requests of the
             same adapter (`serve.runtime.prefix_cache`); 0 turns reuse off.
         prefix_block: Tokens per reusable prefix block.
@@ -81,6 +88,8 @@ class PeftOptions:
     verify_adapters: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     lora_dtype: Literal["auto", "compute", "fp32"] = "compute"
+    lora_kernel: Literal["auto", "native", "torch"] = "auto"
+    attention_kernel: Literal["auto", "native", "sdpa"] = "auto"
     host_adapters: int = -1
     prefix_cache_mb: int = 64
     prefix_block: int = 8
@@ -109,6 +118,12 @@ class PeftOptions:
         if opts.lora_dtype not in ("auto", "compute", "fp32"):
             problems.append(f"lora_dtype must be auto, compute or fp32, got "
                             f"{opts.lora_dtype!r}")
+        if opts.lora_kernel not in ("auto", "native", "torch"):
+            problems.append(f"lora_kernel must be auto, native or torch, got "
+                            f"{opts.lora_kernel!r}")
+        if opts.attention_kernel not in ("auto", "native", "sdpa"):
+            problems.append(f"attention_kernel must be auto, native or sdpa, got "
+                            f"{opts.attention_kernel!r}")
         if not isinstance(opts.prefix_cache_mb, int) or opts.prefix_cache_mb < 0:
             problems.append(f"prefix_cache_mb must be an int >= 0, got {opts.prefix_cache_mb!r}")
         if not isinstance(opts.prefix_block, int) or opts.prefix_block < 1:
@@ -239,8 +254,25 @@ class PeftEngine:
         if lora == "auto":  # measured with the compute dtype (serve.runtime.dtype_choice)
             lora = base.dtype_choice.lora if base.dtype_choice is not None else "compute"
         lora_dtype = {"compute": None, "fp32": torch.float32}[lora]
+        kernel = opts.lora_kernel
+        if kernel == "auto":  # measured on CPU (serve.runtime.dtype_choice)
+            kernel = base.dtype_choice.lora_kernel if base.dtype_choice is not None else "torch"
+        attention = opts.attention_kernel
+        if attention == "auto":
+            attention = base.dtype_choice.attention if base.dtype_choice is not None else "sdpa"
         runner = ModelRunner(base, max_running=cfg.max_running, max_adapters=cfg.max_adapters,
-                             kv_initial_len=opts.kv_initial_len, lora_dtype=lora_dtype)
+                             kv_initial_len=opts.kv_initial_len, lora_dtype=lora_dtype,
+                             lora_kernel=kernel, attention_kernel=attention)
+        missing = [name for name, asked, got in (
+            ("lora_kernel", opts.lora_kernel, runner.lora.kernel),
+            ("attention_kernel", opts.attention_kernel,
+             "native" if runner.attention is not None else "sdpa"))
+            if asked == "native" and got != "native"]
+        if missing:
+            raise Unsupported(f"{', '.join(missing)}=native was asked for, but the native "
+                              f"kernels are not available here (CPU only, float32 or bfloat16, "
+                              f"and a C compiler)",
+                              fix="Install gcc (or set CC), or use auto.")
         step_lock = threading.Lock()
         leaves = runner.spec.lora_leaves
 
@@ -268,7 +300,8 @@ class PeftEngine:
             runner.thread_plan = threads_choice.choose(
                 runner, self._threads,
                 [str(Path(cfg.base.path).resolve()), base.dtype_name, str(runner.dtype),
-                 choice.kernel if choice else "", str(runner.lora.dtype)],
+                 choice.kernel if choice else "", str(runner.lora.dtype), runner.lora.kernel,
+                 runner.attention is not None],
                 None if opts.single_thread_rows < 0 else opts.single_thread_rows,
                 MeasurementCache(cache_root() / "thread-plan"))
             warm_up(runner, warm_rank)
@@ -397,6 +430,9 @@ class PeftEngine:
                         lora_stack_bytes=cache.stack.nbytes())
         if self._runner is not None:
             data["kv_cache_bytes"] = self._runner.cache.nbytes()
+            # Which kernels run (serve.runtime.native): 1 native, 0 torch's ops.
+            data["native_lora_kernel"] = float(self._runner.lora.kernel == "native")
+            data["native_attention_kernel"] = float(self._runner.attention is not None)
         prefix = self._scheduler.prefix if self._scheduler is not None else None
         if prefix is not None:
             data.update(prefix_hit_tokens=prefix.hit_tokens, prefix_cache_bytes=prefix.nbytes)

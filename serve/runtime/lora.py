@@ -27,6 +27,12 @@ used by the batch (`LoraBatch`):
   slices are views when the used indices are consecutive (indices are handed out lowest
   first), else one gather of the used adapters' weights.
 
+With ``kernel="native"`` (chosen by measurement, `serve.runtime.dtype_choice`) the whole delta
+of one projection for one pool is a single call of the C kernel in `serve.runtime.native`: rows
+grouped by adapter, no pads, no gathers, fp32 accumulation. On a 2-core AVX512-BF16 machine one
+layer's four projections at 16 rows took 0.11 ms (one adapter) and 0.20 ms (8 adapters) there
+against 0.33 and 0.86 ms in the torch path above, whose tiny bf16 matmuls cost 35-65 us each.
+
 Where the job ends: this module holds tensors and does arithmetic. Reading adapter files is
 `serve.runtime.adapter_files`; which adapter owns which slot is `serve.runtime.adapter_cache`.
 """
@@ -90,6 +96,8 @@ class Pool:
     bt: dict[ModuleKey, list[torch.Tensor]] = field(default_factory=dict)  # [capacity, r, size]
     targets: dict[ModuleKey, set[int]] = field(default_factory=dict)
     free: list[int] = field(default_factory=list)
+    # The native kernel's constant arguments per key (pointers into the tensors above).
+    native: dict[ModuleKey, tuple] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +114,8 @@ class PoolPlan:
     lo: int = 0
     hi: int = 0
     width: int = 0
+    # The native kernel's view: rows grouped by pool index (int32 tensors, kept alive here).
+    segments: tuple | None = None
 
     def used_rows(self, stacked: torch.Tensor) -> torch.Tensor:
         """The used adapters' slices of a pool tensor, in segment order (a view when compact)."""
@@ -135,7 +145,8 @@ class LoraStack:
     """
 
     def __init__(self, shapes: dict[str, tuple[int, list[int]]], capacity: int, *,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu",
+                 kernel: str = "torch") -> None:
         """Create an empty stack.
 
         Args:
@@ -143,6 +154,8 @@ class LoraStack:
             capacity: Adapters resident at once (per pool).
             dtype: Compute dtype of the deltas.
             device: Where the tensors live.
+            kernel: ``torch`` or ``native`` (`serve.runtime.native`; falls back to ``torch``
+                where the kernel cannot be built, or off CPU, or for other dtypes).
         """
         self.shapes = dict(shapes)
         self.capacity = capacity
@@ -150,6 +163,12 @@ class LoraStack:
         self.device = device
         self.pools: dict[int, Pool] = {}
         self.generation = 0
+        self._sgmv = None
+        if kernel == "native" and str(device).startswith("cpu"):
+            from serve.runtime import native
+
+            self._sgmv = native.sgmv(str(dtype).removeprefix("torch."))
+        self.kernel = "native" if self._sgmv is not None else "torch"
 
     # -- slots ------------------------------------------------------------------------------
 
@@ -181,6 +200,7 @@ class LoraStack:
                 pool.bt[key] = [torch.zeros(pool.capacity, r, size, dtype=self.dtype,
                                             device=self.device) for size in sizes]
                 pool.targets[key] = set()
+                pool.native.pop(key, None)
             pool.at[key][index].copy_(at)
             for dst, bt in zip(pool.bt[key], bts, strict=True):
                 dst[index].copy_(bt)
@@ -241,6 +261,15 @@ class LoraStack:
                 by_rank.setdefault(rank, {}).setdefault(index, []).append(row)
         for rank, members in sorted(by_rank.items()):
             pp = PoolPlan(rank=rank, used=frozenset(members))
+            if self._sgmv is not None:
+                order = sorted(members)
+                starts = [0]
+                for index in order:
+                    starts.append(starts[-1] + len(members[index]))
+                pp.segments = tuple(torch.tensor(values, dtype=torch.int32) for values in (
+                    order, starts, [row for index in order for row in members[index]]))
+                plan.pools.append(pp)
+                continue
             if len(members) == 1 and len(next(iter(members.values()))) == len(row_slots):
                 pp.uniform = next(iter(members))
                 plan.pools.append(pp)
@@ -284,6 +313,10 @@ class LoraStack:
         """
         import torch
 
+        if (self._sgmv is not None and x.dtype == out.dtype == self.dtype
+                and x.stride(-1) == 1 and out.stride(-1) == 1):
+            self._apply_native(key, x, out, plan, offsets)
+            return
         for pp in plan.pools:
             pool = self.pools[pp.rank]
             indices = pool.targets.get(key)
@@ -309,6 +342,36 @@ class LoraStack:
                 delta = torch.bmm(hidden[:, :, p * r:(p + 1) * r], pp.used_rows(bt))
                 out[:, start:start + bt.shape[2]].add_(
                     delta.view(-1, bt.shape[2]).index_select(0, pp.scatter))
+
+
+    def _apply_native(self, key: ModuleKey, x: torch.Tensor, out: torch.Tensor,
+                      plan: LoraBatch, offsets: list[int]) -> None:
+        """`apply` by the native kernel: one call per pool the rows use."""
+        for pp in plan.pools:
+            pool = self.pools[pp.rank]
+            indices = pool.targets.get(key)
+            if not indices or indices.isdisjoint(pp.used):
+                continue
+            args = pool.native.get(key)
+            if args is None:
+                args = pool.native[key] = _native_args(pool, key, offsets)
+            slots, starts, rows = pp.segments
+            self._sgmv(slots.numel(), slots.data_ptr(), starts.data_ptr(), rows.data_ptr(),
+                       args[0], x.data_ptr(), x.stride(0), *args[1:8], out.data_ptr(),
+                       out.stride(0))
+
+
+def _native_args(pool: Pool, key: ModuleKey, offsets: list[int]) -> tuple:
+    """The native kernel's constant arguments for ``key`` in ``pool`` (arrays kept alive)."""
+    import ctypes
+
+    at, bts = pool.at[key], pool.bt[key]
+    pointers = (ctypes.c_void_p * len(bts))(*[bt.data_ptr() for bt in bts])
+    sizes = (ctypes.c_int64 * len(bts))(*[bt.shape[2] for bt in bts])
+    starts = (ctypes.c_int64 * len(bts))(*offsets)
+    return (at.shape[1], at.data_ptr(), at.shape[2], pool.rank, len(bts),
+            ctypes.addressof(pointers), ctypes.addressof(sizes), ctypes.addressof(starts),
+            (pointers, sizes, starts, at, bts))
 
 
 def reference_delta(x: torch.Tensor, row_adapters: list[AdapterWeights | None], key: ModuleKey,

@@ -49,7 +49,8 @@ class ModelRunner:
     """Runs mixed decode + prefill passes for a loaded base with pooled LoRA adapters."""
 
     def __init__(self, base: LoadedBase, *, max_running: int, max_adapters: int,
-                 kv_initial_len: int = 256, lora_dtype: torch.dtype | None = None) -> None:
+                 kv_initial_len: int = 256, lora_dtype: torch.dtype | None = None,
+                 lora_kernel: str = "torch", attention_kernel: str = "sdpa") -> None:
         """Fuse the weights, build RoPE tables, the KV cache and an empty LoRA stack.
 
         Args:
@@ -58,6 +59,9 @@ class ModelRunner:
             max_adapters: Adapters resident at once.
             kv_initial_len: First KV capacity per row (grown on demand, shrunk back).
             lora_dtype: Dtype of the LoRA weights and deltas (default: the compute dtype).
+            lora_kernel: ``torch`` or ``native`` (`serve.runtime.lora.LoraStack`).
+            attention_kernel: Decode attention by ``sdpa`` (torch's) or ``native``
+                (`serve.runtime.native.DecodeAttention`; SDPA where it cannot be loaded).
         """
         import torch
 
@@ -102,8 +106,13 @@ class ModelRunner:
                        for name in PROJECTIONS}
         self.offsets = {name: [offset for offset, _ in w.parts[name]] for name in PROJECTIONS}
         self.lora = LoraStack(self.shapes, max_adapters, dtype=lora_dtype or self.dtype,
-                              device=self.device)
+                              device=self.device, kernel=lora_kernel)
         self._plan: LoraBatch | None = None
+        self.attention = None
+        if attention_kernel == "native" and self.device.type == "cpu":
+            from serve.runtime.native import DecodeAttention
+
+            self.attention = DecodeAttention.load(str(self.dtype).removeprefix("torch."))
         # Threads per pass (serve.runtime.threads_choice); None: leave torch's setting alone.
         self.thread_plan: ThreadPlan | None = None
         self.qk = (self.heads + self.kv_heads) * self.head_dim
@@ -245,10 +254,17 @@ class ModelRunner:
         if n:
             keys, values = self.cache.write_decode(i, masks.flat_index, k[:n], v[:n],
                                                    masks.decode_len)
-            query = q[:n].view(n, kv_heads, self.groups, d)
-            mask = masks.decode(layer.window, additive=layer.softcap is None)
-            outs.append(_attend(query, keys, values, mask, layer)
-                        .reshape(n, heads * d))
+            if self.attention is not None:
+                out = torch.empty(n, heads * d, dtype=self.dtype, device=self.device)
+                lo, hi, scores = masks.bounds(layer.window, self.groups)
+                self.attention(q[:n].flatten(1), keys, values, lo, hi, layer.scaling,
+                               layer.softcap, out, scores)
+                outs.append(out)
+            else:
+                query = q[:n].view(n, kv_heads, self.groups, d)
+                mask = masks.decode(layer.window, additive=layer.softcap is None)
+                outs.append(_attend(query, keys, values, mask, layer)
+                            .reshape(n, heads * d))
         offset = n
         for c, ((row, _, start, _), size) in enumerate(zip(chunks, sizes, strict=True)):
             part = slice(offset, offset + size)
@@ -313,6 +329,7 @@ class _Masks:
         self.flat_index = runner.cache.flat_index(decode_pos) if decode is not None else None
         self.dtype = runner.dtype
         self._decode: dict[tuple[int | None, bool], torch.Tensor] = {}
+        self._bounds: dict[int | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._prefill: dict[tuple[int, int | None], torch.Tensor | None] = {}
 
     def decode(self, window: int | None, additive: bool = False) -> torch.Tensor:
@@ -337,6 +354,22 @@ class _Masks:
                 mask = mask[:, None, None, :]
             self._decode[(window, additive)] = mask
         return mask
+
+    def bounds(self, window: int | None, groups: int,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Visible keys ``lo[i] .. hi[i] - 1`` of each decode row (int32), and score scratch.
+
+        The same rule as `decode`: ``j <= pos_i`` and, with a window, ``j > pos_i - window``.
+        """
+        got = self._bounds.get(window)
+        if got is None:
+            torch = self.torch
+            hi = (self.decode_pos + 1).to(torch.int32)
+            lo = ((self.decode_pos - window + 1).clamp_(min=0).to(torch.int32) if window
+                  else torch.zeros_like(hi))
+            scores = torch.empty(groups * self.decode_len, dtype=torch.float32)
+            got = self._bounds[window] = (lo, hi, scores)
+        return got
 
     def prefill(self, c: int, window: int | None) -> torch.Tensor | None:
         """``[T, start + T]`` for chunk ``c``, or None where plain causal is right."""

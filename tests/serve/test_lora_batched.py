@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from serve.runtime import native
 from serve.runtime.adapter_files import module_scaling
 from serve.runtime.lora import AdapterWeights, LoraStack, reference_delta
 
@@ -20,12 +21,13 @@ def _offsets(name: str) -> list[int]:
     return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
-def _adapter(seed: int, rank: int, names: tuple[str, ...], layers: int = 2) -> AdapterWeights:
+def _adapter(seed: int, rank: int, names: tuple[str, ...], layers: int = 2,
+             shapes: dict | None = None) -> AdapterWeights:
     gen = torch.Generator().manual_seed(seed)
     modules = {}
     for layer in range(layers):
         for name in names:
-            in_f, sizes = SHAPES[name]
+            in_f, sizes = (shapes or SHAPES)[name]
             modules[(layer, name)] = (torch.randn(len(sizes) * rank, in_f, generator=gen),
                                       [torch.randn(rank, size, generator=gen) for size in sizes])
     return AdapterWeights(modules=modules, rank=rank)
@@ -47,12 +49,20 @@ CASES = [
 ]
 
 
+def _kernel(kernel: str) -> str:
+    if kernel == "native" and native.library() is None:
+        pytest.skip("no C compiler here: the native kernel cannot be built")
+    return kernel
+
+
+@pytest.mark.parametrize("kernel", ["torch", "native"])
 @pytest.mark.parametrize(("label", "ranks", "row_adapters", "evicted"), CASES,
                          ids=[c[0] for c in CASES])
-def test_batched_delta_matches_per_row_reference(label, ranks, row_adapters, evicted):
+def test_batched_delta_matches_per_row_reference(label, ranks, row_adapters, evicted, kernel):
     names_by_index = [("qkv", "o", "down"), ("qkv",), ("o", "down")]
     adapters = [_adapter(10 + i, r, names_by_index[i % 3]) for i, r in enumerate(ranks)]
-    stack = LoraStack(SHAPES, capacity=len(ranks), dtype=torch.float32)
+    stack = LoraStack(SHAPES, capacity=len(ranks), dtype=torch.float32, kernel=_kernel(kernel))
+    assert stack.kernel == kernel
     slots = [stack.install(adapter) for adapter in adapters]
     for index in evicted:
         stack.clear(slots[index])
@@ -68,6 +78,36 @@ def test_batched_delta_matches_per_row_reference(label, ranks, row_adapters, evi
         rows = [adapters[i] if i >= 0 and i not in evicted else None for i in row_adapters]
         want = base_out + reference_delta(x, rows, key, sum(sizes), _offsets(key[1]))
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=f"{label} {key}")
+
+
+# Wide enough for the kernel's full 64-column expand blocks and 16-column shrink chunks, with
+# tails on both (parts * rank = 48 + 0, 24 + 8; sizes 136 = 2 * 64 + 8).
+WIDE = {"qkv": (72, [136, 64, 64]), "down": (200, [136])}
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_native_kernel_matches_reference_on_wide_shapes_in_both_dtypes(dtype, tol):
+    _kernel("native")
+    ranks, row_adapters = [16, 8, 16], [0, 1, 2, 0, -1, 0, 0, 0, 0, 2, 1]
+    adapters = [_adapter(30 + i, r, tuple(WIDE), layers=1, shapes=WIDE)
+                for i, r in enumerate(ranks)]
+    stack = LoraStack(WIDE, capacity=3, dtype=dtype, kernel="native")
+    slots = [stack.install(AdapterWeights({k: (a.to(dtype), [b.to(dtype) for b in bs])
+                                           for k, (a, bs) in ad.modules.items()}, ad.rank))
+             for ad in adapters]
+    plan = stack.plan([slots[i] if i >= 0 else -1 for i in row_adapters])
+    gen = torch.Generator().manual_seed(1)
+    for name, (in_f, sizes) in WIDE.items():
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        x = torch.randn(len(row_adapters), in_f, generator=gen)
+        base_out = torch.randn(len(row_adapters), sum(sizes), generator=gen)
+        out = base_out.to(dtype, copy=True)
+        stack.apply((0, name), x.to(dtype), out, plan, offsets)
+        want = base_out + reference_delta(x, [adapters[i] if i >= 0 else None
+                                              for i in row_adapters], (0, name), sum(sizes),
+                                          offsets)
+        scale = want.abs().max().item()
+        torch.testing.assert_close(out.float() / scale, want / scale, rtol=0, atol=tol)
 
 
 def test_each_adapter_keeps_its_own_rank_and_clear_frees_the_index():

@@ -1,0 +1,236 @@
+/* loradock's C kernels: what torch runs as many tiny ops, done in one call.
+ *
+ * Compiled once per machine by serve/runtime/native.py (-O3 -march=native) and called through
+ * ctypes. GCC vector extensions keep it portable: a 16-lane float vector is one AVX-512
+ * register, two AVX2 ones, four NEON ones.
+ *
+ * sgmv_<dtype>: the multi-LoRA delta of one fused projection for the rows of one rank's pool
+ * (serve/runtime/lora.py), Punica's SGMV as one loop nest. Rows come grouped by adapter
+ * (segments); for each block of up to RB rows of one adapter:
+ *   h[i]         = x[row_i] @ A^T[slot]               (A^T: [in, parts * r], fp32 accumulators)
+ *   out[row_i]  += h[i][p r : (p + 1) r] @ B^T_p[slot]  for each part p, at its column offset
+ * Only the slots the rows use are read; each adapter keeps its own rank (one call per pool).
+ * bf16 inputs are widened to fp32, products accumulate in fp32, and out is rounded once
+ * (round to nearest even), as torch's bf16 matmuls do.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+#define RB 4 /* rows per block: A and B rows are read once per block */
+#define JW 4 /* 16-lane column chunks per expand block */
+
+static inline float bf2f(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline v16f load16_f32(const float *p) {
+    v16f v;
+    memcpy(&v, p, 64);
+    return v;
+}
+
+static inline v16f load16_bf16(const uint16_t *p) {
+    v16h h;
+    memcpy(&h, p, 32);
+    v16u u = __builtin_convertvector(h, v16u) << 16;
+    v16f f;
+    memcpy(&f, &u, 64);
+    return f;
+}
+
+static inline float load1_f32(const float *p) { return *p; }
+static inline float load1_bf16(const uint16_t *p) { return bf2f(*p); }
+static inline void addout_f32(float *o, float d) { *o += d; }
+static inline void addout_bf16(uint16_t *o, float d) { *o = f2bf(bf2f(*o) + d); }
+static inline void store1_f32(float *o, float d) { *o = d; }
+static inline void store1_bf16(uint16_t *o, float d) { *o = f2bf(d); }
+
+#define DEFINE_SGMV(NAME, T, SFX)                                                              \
+    void NAME(int nseg, const int32_t *seg_slot, const int32_t *seg_start,                    \
+              const int32_t *rows, int in_f, const T *x, int64_t x_stride, const T *at,       \
+              int pr, int r, int parts, const T *const *bt, const int64_t *sizes,             \
+              const int64_t *offsets, T *out, int64_t out_stride) {                           \
+        float h[RB * pr];                                                                     \
+        for (int s = 0; s < nseg; s++) {                                                      \
+            int64_t slot = seg_slot[s];                                                       \
+            const T *a = at + slot * (int64_t)in_f * pr;                                      \
+            for (int b0 = seg_start[s]; b0 < seg_start[s + 1]; b0 += RB) {                    \
+                int nb = seg_start[s + 1] - b0;                                               \
+                if (nb > RB) nb = RB;                                                         \
+                const int32_t *rw = rows + b0;                                                \
+                const T *xr[RB];                                                              \
+                for (int i = 0; i < RB; i++)                                                  \
+                    xr[i] = x + (int64_t)rw[i < nb ? i : 0] * x_stride;                       \
+                /* shrink, 16 columns of h at a time, RB rows sharing each load of A */       \
+                int j = 0;                                                                    \
+                for (; j + 16 <= pr; j += 16) {                                               \
+                    v16f acc[RB] = {0};                                                       \
+                    for (int k = 0; k < in_f; k++) {                                          \
+                        v16f av = load16_##SFX(a + (int64_t)k * pr + j);                      \
+                        for (int i = 0; i < RB; i++) acc[i] += load1_##SFX(xr[i] + k) * av;   \
+                    }                                                                         \
+                    for (int i = 0; i < RB; i++) memcpy(h + i * pr + j, &acc[i], 64);         \
+                }                                                                             \
+                for (; j < pr; j++) {                                                         \
+                    float acc[RB] = {0};                                                      \
+                    for (int k = 0; k < in_f; k++) {                                          \
+                        float av = load1_##SFX(a + (int64_t)k * pr + j);                      \
+                        for (int i = 0; i < RB; i++) acc[i] += load1_##SFX(xr[i] + k) * av;   \
+                    }                                                                         \
+                    for (int i = 0; i < RB; i++) h[i * pr + j] = acc[i];                      \
+                }                                                                             \
+                /* expand, 16 * JW output columns at a time, each part at its offset */       \
+                for (int p = 0; p < parts; p++) {                                             \
+                    int64_t size = sizes[p];                                                  \
+                    const T *b = bt[p] + slot * (int64_t)r * size;                            \
+                    const float *hp = h + p * r;                                              \
+                    int64_t c = 0;                                                            \
+                    for (; c + 16 * JW <= size; c += 16 * JW) {                               \
+                        v16f acc[RB][JW] = {{0}};                                             \
+                        for (int t = 0; t < r; t++) {                                         \
+                            const T *brow = b + (int64_t)t * size + c;                        \
+                            v16f bv[JW];                                                      \
+                            for (int q = 0; q < JW; q++) bv[q] = load16_##SFX(brow + 16 * q); \
+                            for (int i = 0; i < RB; i++) {                                    \
+                                float hv = hp[i * pr + t];                                    \
+                                for (int q = 0; q < JW; q++) acc[i][q] += hv * bv[q];         \
+                            }                                                                 \
+                        }                                                                     \
+                        for (int i = 0; i < nb; i++) {                                        \
+                            T *o = out + (int64_t)rw[i] * out_stride + offsets[p] + c;        \
+                            float d[16 * JW];                                                 \
+                            memcpy(d, acc[i], sizeof d);                                      \
+                            for (int e = 0; e < 16 * JW; e++) addout_##SFX(o + e, d[e]);      \
+                        }                                                                     \
+                    }                                                                         \
+                    for (; c < size; c++) {                                                   \
+                        float acc[RB] = {0};                                                  \
+                        for (int t = 0; t < r; t++) {                                         \
+                            float bv = load1_##SFX(b + (int64_t)t * size + c);                \
+                            for (int i = 0; i < RB; i++) acc[i] += hp[i * pr + t] * bv;       \
+                        }                                                                     \
+                        for (int i = 0; i < nb; i++)                                          \
+                            addout_##SFX(out + (int64_t)rw[i] * out_stride + offsets[p] + c,  \
+                                         acc[i]);                                             \
+                    }                                                                         \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+DEFINE_SGMV(sgmv_f32, float, f32)
+DEFINE_SGMV(sgmv_bf16, uint16_t, bf16)
+
+/* decode_attn_<dtype>: attention of one new token per sequence over its cached keys.
+ *
+ * Row i's queries q[i] ([heads * d], heads = kv_heads * groups, grouped-query heads sharing a
+ * kv head are consecutive) attend to the keys and values of KV-cache row i at positions
+ * lo[i] .. hi[i] - 1 (causal, and the sliding window where the layer has one):
+ *   s_j = scale * q . k_j  (then softcap * tanh(s_j / softcap) where softcap > 0),
+ *   out = sum_j softmax(s)_j v_j,
+ * in fp32, written to out[i] ([heads * d], rounded once for bf16). Keys of one kv head are read
+ * once for all its query heads. `scores` is caller-provided scratch of groups * max(hi) floats.
+ */
+
+static inline float fast_exp(float x) {
+    /* e^x = 2^n * e^r, |r| <= ln2/2; degree-6 Taylor on r: relative error < 2e-7 */
+    if (x < -87.0f) return 0.0f;
+    float n = x * 1.44269504f + 12582912.0f;
+    n -= 12582912.0f; /* round to nearest */
+    float r = x - n * 0.693145752f - n * 1.42860677e-6f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666667f + r * (0.0416666667f
+              + r * (0.00833333333f + r * 0.00138888889f)))));
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return p * scale;
+}
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+static inline float hsum16(v16f v) {
+    v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+            + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+#define DEFINE_ATTN(NAME, T, SFX)                                                              \
+    void NAME(int n, int kv_heads, int groups, int d, const T *q, int64_t q_stride,           \
+              const T *k, const T *v, int64_t row_stride, int64_t head_stride,                \
+              const int32_t *lo, const int32_t *hi, float scale, float softcap, T *out,       \
+              int64_t out_stride, float *scores) {                                            \
+        float qf[groups * d];                                                                 \
+        float acc[groups * d];                                                                \
+        for (int i = 0; i < n; i++) {                                                         \
+            int a = lo[i], b = hi[i];                                                         \
+            for (int h = 0; h < kv_heads; h++) {                                              \
+                const T *qi = q + (int64_t)i * q_stride + (int64_t)h * groups * d;            \
+                for (int e = 0; e < groups * d; e++) qf[e] = load1_##SFX(qi + e);             \
+                const T *kh = k + (int64_t)i * row_stride + (int64_t)h * head_stride;         \
+                const T *vh = v + (int64_t)i * row_stride + (int64_t)h * head_stride;         \
+                float mx[groups];                                                             \
+                for (int g = 0; g < groups; g++) mx[g] = -INFINITY;                           \
+                for (int j = a; j < b; j++) {                                                 \
+                    const T *kj = kh + (int64_t)j * d;                                        \
+                    for (int g = 0; g < groups; g++) {                                        \
+                        const float *qg = qf + g * d;                                         \
+                        float s;                                                              \
+                        if ((d & 15) == 0) {                                                  \
+                            v16f dot = {0};                                                   \
+                            for (int e = 0; e < d; e += 16)                                   \
+                                dot += load16_f32(qg + e) * load16_##SFX(kj + e);             \
+                            s = hsum16(dot);                                                  \
+                        } else {                                                              \
+                            s = 0.0f;                                                         \
+                            for (int e = 0; e < d; e++) s += qg[e] * load1_##SFX(kj + e);     \
+                        }                                                                     \
+                        s *= scale;                                                           \
+                        if (softcap > 0.0f) s = softcap * tanhf(s / softcap);                 \
+                        scores[g * b + j] = s;                                                \
+                        if (s > mx[g]) mx[g] = s;                                             \
+                    }                                                                         \
+                }                                                                             \
+                memset(acc, 0, sizeof(float) * groups * d);                                   \
+                for (int g = 0; g < groups; g++) {                                            \
+                    float *sg = scores + g * b, sum = 0.0f;                                   \
+                    for (int j = a; j < b; j++) {                                             \
+                        sg[j] = fast_exp(sg[j] - mx[g]);                                      \
+                        sum += sg[j];                                                         \
+                    }                                                                         \
+                    float inv = 1.0f / sum;                                                   \
+                    for (int j = a; j < b; j++) sg[j] *= inv;                                 \
+                }                                                                             \
+                for (int j = a; j < b; j++) {                                                 \
+                    const T *vj = vh + (int64_t)j * d;                                        \
+                    for (int g = 0; g < groups; g++) {                                        \
+                        float p = scores[g * b + j];                                          \
+                        float *ag = acc + g * d;                                              \
+                        for (int e = 0; e < d; e++) ag[e] += p * load1_##SFX(vj + e);         \
+                    }                                                                         \
+                }                                                                             \
+                T *oi = out + (int64_t)i * out_stride + (int64_t)h * groups * d;              \
+                for (int e = 0; e < groups * d; e++) store1_##SFX(oi + e, acc[e]);            \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+DEFINE_ATTN(decode_attn_f32, float, f32)
+DEFINE_ATTN(decode_attn_bf16, uint16_t, bf16)

@@ -1,0 +1,77 @@
+"""The native decode-attention kernel against torch's SDPA (table-driven, no model).
+
+The LoRA kernel is checked in `tests/serve/test_lora_batched.py`; both kernels serve every
+family token-exact in `tests/serve/test_families.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serve.runtime import native
+from serve.runtime.native import DecodeAttention
+
+# (label, rows, kv_heads, groups, head_dim, cached length, window, softcap)
+CASES = [
+    ("one row, multi-head", 1, 4, 1, 64, 9, None, None),
+    ("grouped-query, rows at different lengths", 6, 2, 3, 32, 40, None, None),
+    ("sliding window", 5, 2, 2, 16, 50, 7, None),
+    ("soft-capped scores (Gemma 2)", 4, 1, 4, 64, 20, None, 5.0),
+    ("head dim not a multiple of 16", 3, 2, 2, 24, 12, None, None),
+]
+
+
+def _reference(q, keys, values, lo, hi, scale, softcap, groups):
+    n, kv_heads, length, d = keys.shape
+    query = q.float().view(n, kv_heads, groups, d)
+    scores = torch.matmul(query, keys.float().transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    j = torch.arange(length)
+    visible = (j[None] >= lo[:, None].long()) & (j[None] < hi[:, None].long())
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    return torch.matmul(torch.softmax(scores, -1), values.float()).reshape(n, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("label", "n", "kv_heads", "groups", "d", "length", "window", "cap"),
+                         CASES, ids=[c[0] for c in CASES])
+def test_decode_attention_matches_reference(label, n, kv_heads, groups, d, length, window, cap,
+                                            dtype):
+    if native.library() is None:
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    attention = DecodeAttention.load(str(dtype).removeprefix("torch."))
+    gen = torch.Generator().manual_seed(0)
+    # A cache with room to spare, as the engine's (positions past `length` hold garbage).
+    k_cache, v_cache = (torch.randn(n, kv_heads, length + 8, d, generator=gen).to(dtype)
+                        for _ in range(2))
+    keys, values = k_cache[:, :, :length], v_cache[:, :, :length]
+    pos = torch.randint(0, length, (n,), generator=gen)
+    pos[0] = length - 1
+    hi = (pos + 1).to(torch.int32)
+    lo = (pos - window + 1).clamp(min=0).to(torch.int32) if window else torch.zeros_like(hi)
+    # Queries as the runner has them: rows of a wider q|k tensor.
+    qk = torch.randn(n, (kv_heads * groups + kv_heads) * d, generator=gen).to(dtype)
+    q = qk[:, :kv_heads * groups * d]
+    out = torch.full((n, kv_heads * groups * d), float("nan"), dtype=dtype)
+    scores = torch.empty(groups * length, dtype=torch.float32)
+    scale = d ** -0.5
+    attention(q, keys, values, lo, hi, scale, cap, out, scores)
+    want = _reference(q, keys, values, lo, hi, scale, cap, groups)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol, msg=label)
+
+
+def test_sdpa_agrees_with_the_reference_used_above():
+    gen = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(2, 2, 10, 16, generator=gen), torch.randn(2, 2, 10, 16,
+                                                                          generator=gen)
+    q = torch.randn(2, 2 * 2 * 16, generator=gen)
+    hi = torch.tensor([10, 6], dtype=torch.int32)
+    mask = torch.arange(10)[None] < hi[:, None]
+    got = F.scaled_dot_product_attention(q.view(2, 2, 2, 16), keys, values,
+                                         attn_mask=mask[:, None, None]).reshape(2, -1)
+    want = _reference(q, keys, values, torch.zeros_like(hi), hi, 16 ** -0.5, None, 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
