@@ -272,6 +272,9 @@ def start_loradock(engine: str, args, env, work: Path) -> Server:
         cmd += ["--engine-option", f"prefix_caching={args.prefix_caching == 'on'}"]
     if engine == "peft" and args.prefix_caching == "off":
         cmd += ["--engine-option", "prefix_cache_mb=0"]
+    if engine == "peft":
+        for option in args.peft_option:
+            cmd += ["--engine-option", option]
     return Server(cmd, env, port, work / f"{engine}.log", "/health")
 
 
@@ -373,6 +376,9 @@ def main() -> None:
                         "and loradock-peft default to on)")
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "test" / "bases",
                         help="LORADOCK_CACHE (the converted base is reused from here)")
+    parser.add_argument("--peft-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an --engine-option for loradock-peft (repeatable), e.g. "
+                             "lora_kernel=torch for an A/B run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())

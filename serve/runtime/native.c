@@ -172,6 +172,8 @@ static inline float hsum16(v16f v) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+#define MAXC 16 /* head_dim up to 256 in 16-lane chunks; wider heads take the scalar path */
+
 #define DEFINE_ATTN(NAME, T, SFX)                                                              \
     void NAME(int n, int kv_heads, int groups, int d, const T *q, int64_t q_stride,           \
               const T *k, const T *v, int64_t row_stride, int64_t head_stride,                \
@@ -179,30 +181,32 @@ static inline float hsum16(v16f v) {
               int64_t out_stride, float *scores) {                                            \
         float qf[groups * d];                                                                 \
         float acc[groups * d];                                                                \
+        int chunks = (d % 16 == 0 && d / 16 <= MAXC) ? d / 16 : 0;                            \
         for (int i = 0; i < n; i++) {                                                         \
             int a = lo[i], b = hi[i];                                                         \
             for (int h = 0; h < kv_heads; h++) {                                              \
                 const T *qi = q + (int64_t)i * q_stride + (int64_t)h * groups * d;            \
-                for (int e = 0; e < groups * d; e++) qf[e] = load1_##SFX(qi + e);             \
+                for (int e = 0; e < groups * d; e++) qf[e] = load1_##SFX(qi + e) * scale;     \
                 const T *kh = k + (int64_t)i * row_stride + (int64_t)h * head_stride;         \
                 const T *vh = v + (int64_t)i * row_stride + (int64_t)h * head_stride;         \
                 float mx[groups];                                                             \
                 for (int g = 0; g < groups; g++) mx[g] = -INFINITY;                           \
                 for (int j = a; j < b; j++) {                                                 \
                     const T *kj = kh + (int64_t)j * d;                                        \
+                    v16f kv[MAXC];                                                            \
+                    for (int c = 0; c < chunks; c++) kv[c] = load16_##SFX(kj + 16 * c);       \
                     for (int g = 0; g < groups; g++) {                                        \
                         const float *qg = qf + g * d;                                         \
                         float s;                                                              \
-                        if ((d & 15) == 0) {                                                  \
+                        if (chunks) {                                                         \
                             v16f dot = {0};                                                   \
-                            for (int e = 0; e < d; e += 16)                                   \
-                                dot += load16_f32(qg + e) * load16_##SFX(kj + e);             \
+                            for (int c = 0; c < chunks; c++)                                  \
+                                dot += load16_f32(qg + 16 * c) * kv[c];                       \
                             s = hsum16(dot);                                                  \
                         } else {                                                              \
                             s = 0.0f;                                                         \
                             for (int e = 0; e < d; e++) s += qg[e] * load1_##SFX(kj + e);     \
                         }                                                                     \
-                        s *= scale;                                                           \
                         if (softcap > 0.0f) s = softcap * tanhf(s / softcap);                 \
                         scores[g * b + j] = s;                                                \
                         if (s > mx[g]) mx[g] = s;                                             \
@@ -220,10 +224,23 @@ static inline float hsum16(v16f v) {
                 }                                                                             \
                 for (int j = a; j < b; j++) {                                                 \
                     const T *vj = vh + (int64_t)j * d;                                        \
-                    for (int g = 0; g < groups; g++) {                                        \
-                        float p = scores[g * b + j];                                          \
-                        float *ag = acc + g * d;                                              \
-                        for (int e = 0; e < d; e++) ag[e] += p * load1_##SFX(vj + e);         \
+                    if (chunks) {                                                             \
+                        v16f vv[MAXC];                                                        \
+                        for (int c = 0; c < chunks; c++) vv[c] = load16_##SFX(vj + 16 * c);   \
+                        for (int g = 0; g < groups; g++) {                                    \
+                            float p = scores[g * b + j];                                      \
+                            float *ag = acc + g * d;                                          \
+                            for (int c = 0; c < chunks; c++) {                                \
+                                v16f t = load16_f32(ag + 16 * c) + p * vv[c];                 \
+                                memcpy(ag + 16 * c, &t, 64);                                  \
+                            }                                                                 \
+                        }                                                                     \
+                    } else {                                                                  \
+                        for (int g = 0; g < groups; g++) {                                    \
+                            float p = scores[g * b + j];                                      \
+                            float *ag = acc + g * d;                                          \
+                            for (int e = 0; e < d; e++) ag[e] += p * load1_##SFX(vj + e);     \
+                        }                                                                     \
                     }                                                                         \
                 }                                                                             \
                 T *oi = out + (int64_t)i * out_stride + (int64_t)h * groups * d;              \
