@@ -237,7 +237,7 @@ class PeftEngine:
     def _start_sync(self) -> None:
         import torch
 
-        from serve.runtime import threads_choice
+        from serve.runtime import native, threads_choice
         from serve.runtime.adapter_cache import AdapterCache
         from serve.runtime.adapter_files import read_adapter, warm_reader
         from serve.runtime.base import load_base
@@ -301,7 +301,7 @@ class PeftEngine:
                 runner, self._threads,
                 [str(Path(cfg.base.path).resolve()), base.dtype_name, str(runner.dtype),
                  choice.kernel if choice else "", str(runner.lora.dtype), runner.lora.kernel,
-                 runner.attention is not None],
+                 runner.attention is not None, native.identity()],
                 None if opts.single_thread_rows < 0 else opts.single_thread_rows,
                 MeasurementCache(cache_root() / "thread-plan"))
             warm_up(runner, warm_rank)

@@ -156,7 +156,10 @@ def choose(model: Any, base_path: Path, weights_id: str, threads: int,
     import torch
 
     cache = MeasurementCache(cache_dir)
-    key = cache.key(CACHE_VERSION, cpu_flags(), torch.__version__, threads, weights_id)
+    from serve.runtime import native
+
+    key = cache.key(CACHE_VERSION, cpu_flags(), torch.__version__, threads, weights_id,
+                    native.identity())
     cached = cache.read_as(key, DtypeChoice)
     if cached is not None:
         return cached

@@ -66,6 +66,21 @@ def _version(cc: str) -> str:
     return done.stdout.splitlines()[0] if done.stdout else ""
 
 
+@functools.lru_cache(maxsize=1)
+def identity() -> str:
+    """What identifies this machine's build: source, compiler, flags, CPU ("" without a compiler).
+
+    Part of the file name of the build, and of the keys of measurements that timed the kernels
+    (`serve.runtime.dtype_choice`), so an edited kernel is timed again.
+    """
+    cc = compiler()
+    if cc is None:
+        return ""
+    return hashlib.sha256(b"\0".join([
+        SOURCE.read_bytes(), _version(cc).encode(), " ".join(flags()).encode(),
+        cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:20]
+
+
 def build(folder: Path | None = None) -> Path | None:
     """Compile `native.c` for this machine once; the shared library's path, or None.
 
@@ -76,20 +91,15 @@ def build(folder: Path | None = None) -> Path | None:
     if cc is None:
         log.info("native kernels off: no C compiler (set CC, or install gcc)")
         return None
-    source = SOURCE.read_bytes()
-    options = flags()
-    key = hashlib.sha256(b"\0".join([
-        source, _version(cc).encode(), " ".join(options).encode(), cpu_flags().encode(),
-        platform.machine().encode()])).hexdigest()[:20]
     folder = folder or cache_root() / "native"
-    target = folder / f"loradock-native-{key}.so"
+    target = folder / f"loradock-native-{identity()}.so"
     if target.is_file():
         return target
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
-        done = subprocess.run([cc, *options, "-o", tmp, str(SOURCE), "-lm"],
+        done = subprocess.run([cc, *flags(), "-o", tmp, str(SOURCE), "-lm"],
                               capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             os.unlink(tmp)

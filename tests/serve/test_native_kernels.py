@@ -75,3 +75,30 @@ def test_sdpa_agrees_with_the_reference_used_above():
                                          attn_mask=mask[:, None, None]).reshape(2, -1)
     want = _reference(q, keys, values, torch.zeros_like(hi), hi, 16 ** -0.5, None, 2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_compiler_leaves_torch_paths(tmp_path, monkeypatch, caplog):
+    from serve.runtime.lora import LoraStack
+
+    monkeypatch.setenv("CC", "false")  # exits 1, as a broken toolchain would
+    native.identity.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="loradock.serve"):
+            assert native.build(tmp_path) is None
+        assert "native kernels off" in caplog.text
+        assert not list(tmp_path.iterdir())  # no half-written library left behind
+    finally:
+        native.identity.cache_clear()
+    monkeypatch.setattr(native, "library", lambda: None)
+    stack = LoraStack({"o": (8, [8])}, 1, dtype=torch.float32, kernel="native")
+    assert stack.kernel == "torch"
+    assert DecodeAttention.load("float32") is None
+
+
+def test_the_build_is_keyed_by_source_and_reused(tmp_path):
+    if native.compiler() is None:
+        pytest.skip("no C compiler here")
+    first = native.build(tmp_path)
+    assert first is not None and native.identity() in first.name
+    mtime = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
