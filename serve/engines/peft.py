@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from hub.errors import EngineUnavailable, InvalidInput, Unsupported
 from hub.machine import MeasurementCache, cache_root
@@ -112,18 +112,13 @@ class PeftOptions:
             problems.append(f"prefill_chunk must be an int >= 16, got {opts.prefill_chunk!r}")
         if not isinstance(opts.kv_initial_len, int) or opts.kv_initial_len < 16:
             problems.append(f"kv_initial_len must be an int >= 16, got {opts.kv_initial_len!r}")
-        if opts.compute_dtype not in ("auto", "fp32", "bf16"):
-            problems.append(f"compute_dtype must be auto, fp32 or bf16, got "
-                            f"{opts.compute_dtype!r}")
-        if opts.lora_dtype not in ("auto", "compute", "fp32"):
-            problems.append(f"lora_dtype must be auto, compute or fp32, got "
-                            f"{opts.lora_dtype!r}")
-        if opts.lora_kernel not in ("auto", "native", "torch"):
-            problems.append(f"lora_kernel must be auto, native or torch, got "
-                            f"{opts.lora_kernel!r}")
-        if opts.attention_kernel not in ("auto", "native", "sdpa"):
-            problems.append(f"attention_kernel must be auto, native or sdpa, got "
-                            f"{opts.attention_kernel!r}")
+        hints = get_type_hints(cls)
+        for f in fields(cls):  # every Literal option: one rule, its choices from the type
+            choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else ()
+            value = getattr(opts, f.name)
+            if choices and value not in choices:
+                problems.append(f"{f.name} must be {', '.join(choices[:-1])} or {choices[-1]}, "
+                                f"got {value!r}")
         if not isinstance(opts.prefix_cache_mb, int) or opts.prefix_cache_mb < 0:
             problems.append(f"prefix_cache_mb must be an int >= 0, got {opts.prefix_cache_mb!r}")
         if not isinstance(opts.prefix_block, int) or opts.prefix_block < 1:
