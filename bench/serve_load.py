@@ -121,6 +121,31 @@ async def run(args, url: str, home: Path, sources: list[Path], names: list[str])
     return stats
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """Where the server's time went: the peft engine's counters from ``/metrics``."""
+    import httpx
+
+    raw = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("loradock_peft_"):
+            name, value = line.split()
+            raw[name.removeprefix("loradock_peft_")] = float(value)
+    steps = raw.get("steps", 0) or 1
+    return {
+        "decode_steps": raw.get("steps", 0), "mean_decode_batch": round(
+            raw.get("decode_rows", 0) / steps, 1),
+        "mean_step_ms": round(1e3 * raw.get("mean_step_s", 0), 1),
+        "decode_s": round(raw.get("decode_s", 0), 1),
+        "prefill_s": round(raw.get("prefill_s", 0), 1),
+        "prefill_tokens": raw.get("prefill_tokens", 0),
+        "prefix_hit_tokens": raw.get("prefix_hit_tokens", 0),
+        "generated_tokens": raw.get("generated_tokens", 0),
+        "adapter_loads": raw.get("adapter_loads", 0),
+        "adapter_host_hits": raw.get("adapter_host_hits", 0),
+        "adapter_load_s_total": round(raw.get("adapter_load_s_total", 0), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=64)
@@ -156,6 +181,7 @@ def main() -> None:
             "--max-queue", "256", "--max-model-len", "512"])
         try:
             stats = asyncio.run(run(args, server.url, home, sources, names))
+            engine = engine_counters(server.url)
         finally:
             server.stop()
         lat, ttft, full = stats["latency"], stats["ttft"], stats["full_latency"]
@@ -170,6 +196,7 @@ def main() -> None:
             "rate_limited_429": stats["429"], "other_errors": len(stats["errors"]),
             "lost": stats["lost"], "hot_swaps": stats["swaps"],
             "first_errors": stats["errors"][:5],
+            "engine": engine,
         }
         print(json.dumps(summary, indent=2))
         if args.json:

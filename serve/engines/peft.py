@@ -413,6 +413,14 @@ class PeftEngine:
             detail=detail,
         )
 
+    def metrics_lines(self) -> list[str]:
+        """`stats` for ``/metrics``: one gauge ``loradock_peft_<name>`` per counter."""
+        out = []
+        for name, value in sorted(self.stats().items()):
+            metric = f"loradock_peft_{name}"
+            out += [f"# TYPE {metric} gauge", f"{metric} {float(value)!r}"]
+        return out
+
     def stats(self) -> dict[str, float]:
         """Counters for ``/metrics`` and benchmarks (see `serve.runtime.stats.EngineStats`)."""
         data = self.stats_.snapshot()
