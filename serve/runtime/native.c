@@ -137,11 +137,13 @@ static inline void store1_bf16(uint16_t *o, float d) { *o = f2bf(d); }
 DEFINE_SGMV(sgmv_f32, float, f32)
 DEFINE_SGMV(sgmv_bf16, uint16_t, bf16)
 
-/* decode_attn_<dtype>: attention of one new token per sequence over its cached keys.
+/* decode_attn_<dtype>: attention of single query tokens over their sequences' cached keys.
  *
- * Row i's queries q[i] ([heads * d], heads = kv_heads * groups, grouped-query heads sharing a
- * kv head are consecutive) attend to the keys and values of KV-cache row i at positions
- * lo[i] .. hi[i] - 1 (causal, and the sliding window where the layer has one):
+ * Query i's heads q[i] ([heads * d], heads = kv_heads * groups, grouped-query heads sharing a
+ * kv head are consecutive) attend to the keys and values of KV-cache row kv_rows[i] (i when
+ * kv_rows is NULL) at positions lo[i] .. hi[i] - 1 (causal, and the sliding window where the
+ * layer has one). A decode row is one query; a short prompt chunk is one query per token, its
+ * keys written to the cache first:
  *   s_j = scale * q . k_j  (then softcap * tanh(s_j / softcap) where softcap > 0),
  *   out = sum_j softmax(s)_j v_j,
  * in fp32, written to out[i] ([heads * d], rounded once for bf16). Keys of one kv head are read
@@ -177,18 +179,19 @@ static inline float hsum16(v16f v) {
 #define DEFINE_ATTN(NAME, T, SFX)                                                              \
     void NAME(int n, int kv_heads, int groups, int d, const T *q, int64_t q_stride,           \
               const T *k, const T *v, int64_t row_stride, int64_t head_stride,                \
-              const int32_t *lo, const int32_t *hi, float scale, float softcap, T *out,       \
-              int64_t out_stride, float *scores) {                                            \
+              const int32_t *kv_rows, const int32_t *lo, const int32_t *hi, float scale,      \
+              float softcap, T *out, int64_t out_stride, float *scores) {                     \
         float qf[groups * d];                                                                 \
         float acc[groups * d];                                                                \
         int chunks = (d % 16 == 0 && d / 16 <= MAXC) ? d / 16 : 0;                            \
         for (int i = 0; i < n; i++) {                                                         \
             int a = lo[i], b = hi[i];                                                         \
+            int64_t kr = kv_rows ? kv_rows[i] : i;                                            \
             for (int h = 0; h < kv_heads; h++) {                                              \
                 const T *qi = q + (int64_t)i * q_stride + (int64_t)h * groups * d;            \
                 for (int e = 0; e < groups * d; e++) qf[e] = load1_##SFX(qi + e) * scale;     \
-                const T *kh = k + (int64_t)i * row_stride + (int64_t)h * head_stride;         \
-                const T *vh = v + (int64_t)i * row_stride + (int64_t)h * head_stride;         \
+                const T *kh = k + kr * row_stride + (int64_t)h * head_stride;                 \
+                const T *vh = v + kr * row_stride + (int64_t)h * head_stride;                 \
                 float mx[groups];                                                             \
                 for (int g = 0; g < groups; g++) mx[g] = -INFINITY;                           \
                 for (int j = a; j < b; j++) {                                                 \

@@ -129,7 +129,8 @@ def library() -> ctypes.CDLL | None:
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     signatures = {
         "sgmv": [i32, p, p, p, i32, p, i64, p, i32, i32, i32, p, p, p, p, i64],
-        "decode_attn": [i32, i32, i32, i32, p, i64, p, p, i64, i64, p, p, f32, f32, p, i64, p],
+        "decode_attn": [i32, i32, i32, i32, p, i64, p, p, i64, i64, p, p, p, f32, f32, p, i64,
+                        p],
     }
     for stem, argtypes in signatures.items():
         for suffix in ("f32", "bf16"):
@@ -165,8 +166,8 @@ class DecodeAttention:
         return cls(getattr(lib, f"decode_attn_{SUFFIX[dtype_name]}"))
 
     def __call__(self, q, keys, values, lo, hi, scale: float, softcap: float | None, out,
-                 scores) -> None:
-        """``out[i] = attention(q[i], keys[i, :, lo[i]:hi[i]], values[i, ...])``.
+                 scores, kv_rows=None) -> None:
+        """``out[i] = attention(q[i], keys[r, :, lo[i]:hi[i]], values[r, ...])``, r = kv_rows[i].
 
         Args:
             q: ``[n, heads * d]`` rows (heads sharing a kv head consecutive; rows may be
@@ -179,9 +180,12 @@ class DecodeAttention:
             softcap: Tanh soft-cap of the scores, or None.
             out: ``[n, heads * d]`` output (rows may be strided).
             scores: ``float32`` scratch of at least ``groups * max(hi)``.
+            kv_rows: ``int32 [n]``: the KV row each query reads (None: row ``i``).
         """
-        n, kv_heads, _, d = keys.shape
+        n = q.shape[0]
+        _, kv_heads, _, d = keys.shape
         groups = q.shape[1] // (kv_heads * d)
         self.fn(n, kv_heads, groups, d, q.data_ptr(), q.stride(0), keys.data_ptr(),
-                values.data_ptr(), keys.stride(0), keys.stride(1), lo.data_ptr(), hi.data_ptr(),
+                values.data_ptr(), keys.stride(0), keys.stride(1),
+                None if kv_rows is None else kv_rows.data_ptr(), lo.data_ptr(), hi.data_ptr(),
                 scale, softcap or 0.0, out.data_ptr(), out.stride(0), scores.data_ptr())

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 # (KV row, prompt token ids of this chunk, start position, LoRA slot or -1)
 PrefillChunk = tuple[int, list[int], int, int]
+# Prompt chunks up to this many tokens join the step's single native attention call (a token
+# is one query there); longer ones go to SDPA, which handles a long causal block as matmuls.
+NATIVE_CHUNK = 64
 
 
 @dataclass
@@ -194,7 +197,7 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         tables = {kind: (self.cos[kind].index_select(0, pos).unsqueeze(1),
                          self.sin[kind].index_select(0, pos).unsqueeze(1)) for kind in self.cos}
-        masks = _Masks(self, decode, chunks, pos[:n], longest)
+        masks = _Masks(self, decode, chunks, pos, n, longest)
         x = self.inner.embed_tokens(torch.tensor(ids, dtype=torch.long,
                                                  device=self.device)).to(self.dtype)
         for i, layer in enumerate(self.layers):
@@ -250,21 +253,15 @@ class ModelRunner:
         qk = (qk * cos).addcmul_(swapped, sin)
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, self.qk:].view(rows, kv_heads, d)
+        if self.attention is not None and all(size <= NATIVE_CHUNK for size in sizes):
+            return self._attend_native(i, layer, q, k, v, masks, n, chunks, sizes)
         outs = []
         if n:
             keys, values = self.cache.write_decode(i, masks.flat_index, k[:n], v[:n],
                                                    masks.decode_len)
-            if self.attention is not None:
-                out = torch.empty(n, heads * d, dtype=self.dtype, device=self.device)
-                lo, hi, scores = masks.bounds(layer.window, self.groups)
-                self.attention(q[:n].flatten(1), keys, values, lo, hi, layer.scaling,
-                               layer.softcap, out, scores)
-                outs.append(out)
-            else:
-                query = q[:n].view(n, kv_heads, self.groups, d)
-                mask = masks.decode(layer.window, additive=layer.softcap is None)
-                outs.append(_attend(query, keys, values, mask, layer)
-                            .reshape(n, heads * d))
+            query = q[:n].view(n, kv_heads, self.groups, d)
+            mask = masks.decode(layer.window, additive=layer.softcap is None)
+            outs.append(_attend(query, keys, values, mask, layer).reshape(n, heads * d))
         offset = n
         for c, ((row, _, start, _), size) in enumerate(zip(chunks, sizes, strict=True)):
             part = slice(offset, offset + size)
@@ -275,6 +272,29 @@ class ModelRunner:
             out = _attend(query, keys, values, masks.prefill(c, layer.window), layer, gqa=True)
             outs.append(out[0].transpose(0, 1).reshape(size, heads * d))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _attend_native(self, i: int, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, masks: _Masks, n: int, chunks: list[PrefillChunk],
+                       sizes: list[int]) -> torch.Tensor:
+        """Every row's attention in one native call: decode rows and short chunks' tokens.
+
+        The step's keys and values are written first; then each token is one query over its KV
+        row up to its own position (`serve.runtime.native.DecodeAttention`).
+        """
+        if n:
+            self.cache.write_decode(i, masks.flat_index, k[:n], v[:n], masks.decode_len)
+        offset = n
+        for (row, _, start, _), size in zip(chunks, sizes, strict=True):
+            part = slice(offset, offset + size)
+            offset += size
+            self.cache.write_prefill(i, row, start, k[part].transpose(0, 1),
+                                     v[part].transpose(0, 1))
+        kv_rows, lo, hi, scores = masks.native(layer.window, self.groups)
+        out = self._torch.empty(q.shape[0], self.heads * self.head_dim, dtype=self.dtype,
+                                device=self.device)
+        self.attention(q.flatten(1), self.cache.k[i], self.cache.v[i], lo, hi, layer.scaling,
+                       layer.softcap, out, scores, kv_rows=kv_rows)
+        return out
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -318,18 +338,19 @@ class _Masks:
     """Attention masks of one step, built once per distinct sliding window."""
 
     def __init__(self, runner: ModelRunner, decode: DecodeRows | None,
-                 chunks: list[PrefillChunk], decode_pos: torch.Tensor, longest: int) -> None:
+                 chunks: list[PrefillChunk], pos: torch.Tensor, n: int, longest: int) -> None:
         import torch
 
         self.torch = torch
         self.device = runner.device
         self.chunks = chunks
-        self.decode_pos = decode_pos
+        self.pos, self.n, self.longest = pos, n, longest
+        decode_pos = self.decode_pos = pos[:n]
         self.decode_len = (max(decode.positions) + 1) if decode is not None else 0
         self.flat_index = runner.cache.flat_index(decode_pos) if decode is not None else None
         self.dtype = runner.dtype
         self._decode: dict[tuple[int | None, bool], torch.Tensor] = {}
-        self._bounds: dict[int | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._bounds: dict[int | None, tuple] = {}
         self._prefill: dict[tuple[int, int | None], torch.Tensor | None] = {}
 
     def decode(self, window: int | None, additive: bool = False) -> torch.Tensor:
@@ -355,20 +376,27 @@ class _Masks:
             self._decode[(window, additive)] = mask
         return mask
 
-    def bounds(self, window: int | None, groups: int,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Visible keys ``lo[i] .. hi[i] - 1`` of each decode row (int32), and score scratch.
+    def native(self, window: int | None, groups: int,
+               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each token's KV row (None: decode rows only), visible keys and scratch, for native.
 
-        The same rule as `decode`: ``j <= pos_i`` and, with a window, ``j > pos_i - window``.
+        Visible keys are ``lo .. hi - 1`` (int32), by the same rule as `decode` and
+        `prefill`: ``j <= pos`` and, with a window, ``j > pos - window``.
         """
         got = self._bounds.get(window)
         if got is None:
             torch = self.torch
-            hi = (self.decode_pos + 1).to(torch.int32)
-            lo = ((self.decode_pos - window + 1).clamp_(min=0).to(torch.int32) if window
+            kv_rows = None
+            if self.chunks:
+                rows = list(range(self.n))
+                for row, tokens, _, _ in self.chunks:
+                    rows += [row] * len(tokens)
+                kv_rows = torch.tensor(rows, dtype=torch.int32)
+            hi = (self.pos + 1).to(torch.int32)
+            lo = ((self.pos - window + 1).clamp_(min=0).to(torch.int32) if window
                   else torch.zeros_like(hi))
-            scores = torch.empty(groups * self.decode_len, dtype=torch.float32)
-            got = self._bounds[window] = (lo, hi, scores)
+            scores = torch.empty(groups * self.longest, dtype=torch.float32)
+            got = self._bounds[window] = (kv_rows, lo, hi, scores)
         return got
 
     def prefill(self, c: int, window: int | None) -> torch.Tensor | None:
