@@ -260,7 +260,7 @@ def time_attention(config: Any, dtype: torch.dtype, kernel: str, rows: int = BAT
     hi = torch.arange(length - rows, length, dtype=torch.int32) + 1  # rows at their own length
     scale = g.head_dim ** -0.5
     if kernel == "native":
-        attention = DecodeAttention.load(str(dtype).removeprefix("torch."))
+        attention = DecodeAttention.load(dtype)
         if attention is None:
             return float("inf"), torch.zeros(0)
         lo = torch.zeros_like(hi)

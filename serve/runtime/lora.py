@@ -167,7 +167,7 @@ class LoraStack:
         if kernel == "native" and str(device).startswith("cpu"):
             from serve.runtime import native
 
-            self._sgmv = native.sgmv(str(dtype).removeprefix("torch."))
+            self._sgmv = native.sgmv(dtype)
         self.kernel = "native" if self._sgmv is not None else "torch"
 
     # -- slots ------------------------------------------------------------------------------
@@ -342,7 +342,6 @@ class LoraStack:
                 delta = torch.bmm(hidden[:, :, p * r:(p + 1) * r], pp.used_rows(bt))
                 out[:, start:start + bt.shape[2]].add_(
                     delta.view(-1, bt.shape[2]).index_select(0, pp.scatter))
-
 
     def _apply_native(self, key: ModuleKey, x: torch.Tensor, out: torch.Tensor,
                       plan: LoraBatch, offsets: list[int]) -> None:

@@ -143,12 +143,17 @@ def library() -> ctypes.CDLL | None:
 SUFFIX = {"float32": "f32", "bfloat16": "bf16"}
 
 
-def sgmv(dtype_name: str):
+def _suffix(dtype) -> str | None:
+    """The kernels' suffix for a torch dtype (or its name), None where there is none."""
+    return SUFFIX.get(str(dtype).removeprefix("torch."))
+
+
+def sgmv(dtype):
     """The SGMV kernel for ``float32`` or ``bfloat16`` tensors, or None."""
-    lib = library()
-    if lib is None or dtype_name not in SUFFIX:
+    lib, suffix = library(), _suffix(dtype)
+    if lib is None or suffix is None:
         return None
-    return getattr(lib, f"sgmv_{SUFFIX[dtype_name]}")
+    return getattr(lib, f"sgmv_{suffix}")
 
 
 class DecodeAttention:
@@ -158,12 +163,12 @@ class DecodeAttention:
         self.fn = fn
 
     @classmethod
-    def load(cls, dtype_name: str) -> DecodeAttention | None:
+    def load(cls, dtype) -> DecodeAttention | None:
         """For ``float32`` or ``bfloat16`` tensors; None where the kernels are not available."""
-        lib = library()
-        if lib is None or dtype_name not in SUFFIX:
+        lib, suffix = library(), _suffix(dtype)
+        if lib is None or suffix is None:
             return None
-        return cls(getattr(lib, f"decode_attn_{SUFFIX[dtype_name]}"))
+        return cls(getattr(lib, f"decode_attn_{suffix}"))
 
     def __call__(self, q, keys, values, lo, hi, scale: float, softcap: float | None, out,
                  scores, kv_rows=None) -> None:

@@ -115,7 +115,7 @@ class ModelRunner:
         if attention_kernel == "native" and self.device.type == "cpu":
             from serve.runtime.native import DecodeAttention
 
-            self.attention = DecodeAttention.load(str(self.dtype).removeprefix("torch."))
+            self.attention = DecodeAttention.load(self.dtype)
         # Threads per pass (serve.runtime.threads_choice); None: leave torch's setting alone.
         self.thread_plan: ThreadPlan | None = None
         self.qk = (self.heads + self.kv_heads) * self.head_dim
@@ -350,7 +350,7 @@ class _Masks:
         self.flat_index = runner.cache.flat_index(decode_pos) if decode is not None else None
         self.dtype = runner.dtype
         self._decode: dict[tuple[int | None, bool], torch.Tensor] = {}
-        self._bounds: dict[int | None, tuple] = {}
+        self._native: dict[int | None, tuple] = {}
         self._prefill: dict[tuple[int, int | None], torch.Tensor | None] = {}
 
     def decode(self, window: int | None, additive: bool = False) -> torch.Tensor:
@@ -383,7 +383,7 @@ class _Masks:
         Visible keys are ``lo .. hi - 1`` (int32), by the same rule as `decode` and
         `prefill`: ``j <= pos`` and, with a window, ``j > pos - window``.
         """
-        got = self._bounds.get(window)
+        got = self._native.get(window)
         if got is None:
             torch = self.torch
             kv_rows = None
@@ -396,7 +396,7 @@ class _Masks:
             lo = ((self.pos - window + 1).clamp_(min=0).to(torch.int32) if window
                   else torch.zeros_like(hi))
             scores = torch.empty(groups * self.longest, dtype=torch.float32)
-            got = self._bounds[window] = (kv_rows, lo, hi, scores)
+            got = self._native[window] = (kv_rows, lo, hi, scores)
         return got
 
     def prefill(self, c: int, window: int | None) -> torch.Tensor | None:

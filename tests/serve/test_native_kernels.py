@@ -42,7 +42,7 @@ def test_decode_attention_matches_reference(label, n, kv_heads, groups, d, lengt
                                             dtype):
     if native.library() is None:
         pytest.skip("no C compiler here: the native kernels cannot be built")
-    attention = DecodeAttention.load(str(dtype).removeprefix("torch."))
+    attention = DecodeAttention.load(dtype)
     gen = torch.Generator().manual_seed(0)
     # A cache with room to spare, as the engine's (positions past `length` hold garbage).
     k_cache, v_cache = (torch.randn(n, kv_heads, length + 8, d, generator=gen).to(dtype)
