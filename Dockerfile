@@ -19,8 +19,9 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------
-# wheels: llama-cpp-python compiled once (it has no binary wheel) and the loradock wheel.
-# Both wheels are tagged py3-none (any Python 3), so the cpu (3.11) and cuda (3.12) images share them.
+# wheels: llama-cpp-python compiled once (it has no binary wheel), the loradock wheel and the
+# portable native kernels for the cpu image. Both wheels are tagged py3-none (any Python 3), so
+# the cpu (3.11) and cuda (3.12) images share them.
 FROM ${PYTHON_IMAGE} AS wheels
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -47,6 +48,9 @@ COPY modelcards ./modelcards
 COPY loradock ./loradock
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip wheel --no-deps --wheel-dir /wheels /src
+# serve/runtime/native.c for x86-64-v4 and -v3 (armv8-a on arm64): the cpu image has no compiler,
+# so it loads the highest level its CPU runs ($LORADOCK_NATIVE_PREBUILT). Stdlib only, no torch.
+RUN python -m serve.runtime.native --prebuild /wheels/native
 
 # ---------------------------------------------------------------------------------------------
 # cpu-venv: the CPU environment in /opt/venv, then the embedded base converted into the image.
@@ -122,8 +126,9 @@ ENTRYPOINT ["tini", "--", "loradock", "serve", "--engine", "vllm", "--host", "0.
 CMD ["--api-keys", "/etc/loradock/api-keys.yaml"]
 
 # ---------------------------------------------------------------------------------------------
-# cpu: the runtime image (no compiler, no pip cache), running as an unprivileged user. It is the
-# last stage, so a plain `docker build .` builds it.
+# cpu: the runtime image (no compiler, no pip cache; the native kernels come prebuilt from the
+# wheels stage), running as an unprivileged user. It is the last stage, so a plain
+# `docker build .` builds it.
 FROM ${PYTHON_IMAGE} AS cpu
 # libgomp1: llama.cpp's OpenMP runtime. tini: PID 1 that forwards SIGTERM and reaps children.
 # hadolint ignore=DL3008
@@ -136,11 +141,13 @@ RUN groupadd --gid 10001 loradock \
     && chown loradock:loradock /data
 COPY --from=cpu-venv /opt/venv /opt/venv
 COPY --from=cpu-venv /opt/loradock /opt/loradock
+COPY --from=wheels /wheels/native /opt/loradock/native
 # DL3064 flags TOKENIZERS_PARALLELISM for its name; it holds no secret.
 # hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH \
     LORADOCK_HOME=/data \
     LORADOCK_CACHE=/opt/loradock/cache \
+    LORADOCK_NATIVE_PREBUILT=/opt/loradock/native \
     HF_HUB_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     OMP_WAIT_POLICY=PASSIVE \

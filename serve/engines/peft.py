@@ -266,8 +266,10 @@ class PeftEngine:
         if missing:
             raise Unsupported(f"{', '.join(missing)}=native was asked for, but the native "
                               f"kernels are not available here (CPU only, float32 or bfloat16, "
-                              f"and a C compiler)",
-                              fix="Install gcc (or set CC), or use auto.")
+                              f"and a C compiler or $LORADOCK_NATIVE_PREBUILT)",
+                              fix="Install gcc (or set CC, or point LORADOCK_NATIVE_PREBUILT "
+                                  "at `python -m serve.runtime.native --prebuild DIR`), "
+                                  "or use auto.")
         step_lock = threading.Lock()
         leaves = runner.spec.lora_leaves
 

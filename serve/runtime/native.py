@@ -1,4 +1,4 @@
-"""Build and load loradock's C kernels (`native.c`) for this machine; None where that fails.
+"""Build and load loradock's C kernels (`native.c`); None where that fails.
 
 Some of the engine's work is many tiny ops in torch: the multi-LoRA delta of a mixed batch is
 a gather, a ``bmm``, a pad mask, a ``bmm`` per part and a scatter per projection, and a bf16
@@ -9,9 +9,18 @@ nest). It is compiled once per machine with the system C compiler (``$CC``, else
 its flags and the CPU flags, so a cache copied to another CPU is never loaded there, and loaded
 with ctypes (which releases the GIL during the call).
 
-Everything here may fail and must not stop the server: no compiler, a failed build or load
-returns None (logged once), and the callers keep torch's path. Whether the kernel is *used* is
-measured, not assumed (`serve.runtime.dtype_choice`).
+Where there is no working compiler (the Docker ``cpu`` image has none), prebuilt portable
+builds stand in: `prebuild` (``python -m serve.runtime.native --prebuild DIR``, stdlib and
+`hub.machine` only, so it runs without torch) compiles `native.c` for x86-64-v4 (AVX-512) and
+x86-64-v3 (AVX2), or armv8-a, and ``$LORADOCK_NATIVE_PREBUILT`` names that folder; the highest
+level this CPU's flags allow is loaded. A local ``-march=native`` build is preferred when it
+can be had, since it is tuned to this CPU. `identity` names whichever file was loaded (the build
+key, or a digest of the prebuilt file with the CPU flags).
+
+Everything here may fail and must not stop the server: no compiler, a failed build or load, no
+suitable prebuilt file returns None (logged once), and the callers keep torch's path. Whether
+the kernel is *used* is measured, not assumed (`serve.runtime.dtype_choice`), for a prebuilt
+file as for a local build.
 
 Where the job ends: building and loading. What the kernels compute, and how their arguments are
 laid out, is `serve.runtime.lora` (the caller) and `native.c`.
@@ -27,7 +36,9 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from hub.machine import cache_root, cpu_flags
@@ -36,6 +47,48 @@ log = logging.getLogger("loradock.serve")
 
 SOURCE = Path(__file__).with_name("native.c")
 BUILD_TIMEOUT_S = 120
+PREBUILT_ENV = "LORADOCK_NATIVE_PREBUILT"
+COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11")
+
+
+@dataclass(frozen=True)
+class Portable:
+    """One portable build: its level, its target flags and the CPU flags it needs.
+
+    Attributes:
+        level: The instruction-set level (``x86-64-v4``...), also in the file name.
+        target: Compiler flags for that level (added to `COMMON_FLAGS`).
+        needs: ``/proc/cpuinfo`` flags a CPU must have to run it.
+    """
+
+    level: str
+    target: tuple[str, ...]
+    needs: frozenset[str]
+
+    @property
+    def file(self) -> str:
+        """The library's file name."""
+        return f"loradock-native-{self.level}.so"
+
+
+# The x86-64 psABI levels, as /proc/cpuinfo names them (SSE3 is "pni", LZCNT "abm").
+_X86_V2 = frozenset({"cx16", "lahf_lm", "popcnt", "pni", "ssse3", "sse4_1", "sse4_2"})
+_X86_V3 = _X86_V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "abm", "xsave"}
+_X86_V4 = _X86_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+PORTABLE: dict[str, tuple[Portable, ...]] = {  # by architecture, highest level first
+    "x86_64": (
+        Portable("x86-64-v4", ("-march=x86-64-v4", "-mprefer-vector-width=512"), _X86_V4),
+        Portable("x86-64-v3", ("-march=x86-64-v3",), _X86_V3),
+    ),
+    "aarch64": (Portable("armv8-a", ("-march=armv8-a",), frozenset()),),
+}
+_PORTABLE_FILES = frozenset(p.file for levels in PORTABLE.values() for p in levels)
+
+
+def _arch() -> str:
+    """This machine's architecture as `PORTABLE` names it (``x86_64``, ``aarch64``...)."""
+    machine = platform.machine()
+    return {"AMD64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
 def compiler() -> str | None:
@@ -46,9 +99,16 @@ def compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
-def flags() -> list[str]:
-    """Compiler flags for this machine (``-march=native``; 512-bit vectors where AVX-512)."""
-    out = ["-O3", "-fPIC", "-shared", "-std=gnu11"]
+def flags(target: Portable | None = None) -> list[str]:
+    """Compiler flags: `COMMON_FLAGS` plus this machine's or a portable target's.
+
+    Args:
+        target: A portable build (None: this machine, ``-march=native`` with 512-bit vectors
+            where AVX-512, or ``-mcpu=native`` off x86).
+    """
+    out = list(COMMON_FLAGS)
+    if target is not None:
+        return out + list(target.target)
     if platform.machine() in ("x86_64", "AMD64", "i686"):
         out.append("-march=native")
         if " avx512f " in f" {cpu_flags()} ":
@@ -66,19 +126,69 @@ def _version(cc: str) -> str:
     return done.stdout.splitlines()[0] if done.stdout else ""
 
 
-@functools.lru_cache(maxsize=1)
-def identity() -> str:
-    """What identifies this machine's build: source, compiler, flags, CPU ("" without a compiler).
+def build_key(cc: str) -> str:
+    """What identifies this machine's build by ``cc``: source, compiler, flags, CPU.
 
-    Part of the file name of the build, and of the keys of measurements that timed the kernels
-    (`serve.runtime.dtype_choice`), so an edited kernel is timed again.
+    Part of the file name of the build (and so of `identity`), so an edited kernel is built,
+    and timed, again.
     """
-    cc = compiler()
-    if cc is None:
-        return ""
     return hashlib.sha256(b"\0".join([
         SOURCE.read_bytes(), _version(cc).encode(), " ".join(flags()).encode(),
         cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=1)
+def identity() -> str:
+    """What identifies the loaded kernels ("" where none are available).
+
+    The build key of a local build, or a digest of a prebuilt file's bytes, the CPU flags and
+    the machine. Part of the keys of measurements that timed the kernels
+    (`serve.runtime.dtype_choice`, the thread plan), so other kernels are timed again.
+    """
+    lib = library()
+    if lib is None:
+        return ""
+    path = Path(lib._name)
+    if path.name not in _PORTABLE_FILES:
+        return path.stem.removeprefix("loradock-native-")
+    try:
+        data = path.read_bytes()
+    except OSError:  # removed since it was loaded: still name what ran
+        data = path.name.encode()
+    return hashlib.sha256(b"\0".join([
+        data, cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:20]
+
+
+def _compile(cc: str, args: list[str], target: Path) -> str:
+    """Compile `SOURCE` into ``target`` (atomically); "" when done, else why not (one line)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *args, "-o", tmp, str(SOURCE), "-lm"],
+                                  capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            if done.returncode != 0:
+                return (f"{Path(cc).name} failed: "
+                        f"{(done.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+            os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide it from other users
+            os.replace(tmp, target)  # atomic: a concurrent build leaves one whole file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"could not build them ({exc})"
+    return ""
+
+
+def _off(level: int, reason: str) -> None:
+    """Log why there is no local build: kernels off, or on to the prebuilt ones."""
+    folder = os.environ.get(PREBUILT_ENV)
+    if folder:
+        log.info("no local build of the native kernels (%s); trying the prebuilt ones in %s",
+                 reason, folder)
+    else:
+        log.log(level, "native kernels off: %s", reason)
 
 
 def build(folder: Path | None = None) -> Path | None:
@@ -89,42 +199,79 @@ def build(folder: Path | None = None) -> Path | None:
     """
     cc = compiler()
     if cc is None:
-        log.info("native kernels off: no C compiler (set CC, or install gcc)")
+        _off(logging.INFO, "no C compiler (set CC, or install gcc)")
         return None
     folder = folder or cache_root() / "native"
-    target = folder / f"loradock-native-{identity()}.so"
+    target = folder / f"loradock-native-{build_key(cc)}.so"
     if target.is_file():
         return target
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-        os.close(fd)
-        done = subprocess.run([cc, *flags(), "-o", tmp, str(SOURCE), "-lm"],
-                              capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-        if done.returncode != 0:
-            os.unlink(tmp)
-            log.warning("native kernels off: %s failed: %s", Path(cc).name,
-                        (done.stderr.strip().splitlines() or ["?"])[-1][:200])
-            return None
-        os.replace(tmp, target)  # atomic: a concurrent build leaves one whole file
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("native kernels off: could not build them (%s)", exc)
+    failed = _compile(cc, flags(), target)
+    if failed:
+        _off(logging.WARNING, failed)
         return None
     return target
 
 
+def prebuild(folder: Path) -> list[Path]:
+    """Compile `native.c` for this architecture's portable levels into ``folder``.
+
+    For images without a compiler: point ``$LORADOCK_NATIVE_PREBUILT`` at ``folder``.
+
+    Args:
+        folder: Where to write the libraries (created).
+
+    Returns:
+        The files written, highest level first.
+
+    Raises:
+        RuntimeError: No compiler, no portable levels for this architecture, or a failed build.
+    """
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (set CC, or install gcc)")
+    levels = PORTABLE.get(_arch())
+    if not levels:
+        raise RuntimeError(f"no portable levels for {platform.machine() or 'this machine'}")
+    written = []
+    for portable in levels:
+        target = folder / portable.file
+        failed = _compile(cc, flags(portable), target)
+        if failed:
+            raise RuntimeError(f"{portable.level}: {failed}")
+        written.append(target)
+    return written
+
+
+def prebuilt(folder: Path | None = None) -> Path | None:
+    """The highest-level prebuilt library in ``folder`` this CPU can run, or None.
+
+    Args:
+        folder: Where `prebuild` wrote them (default ``$LORADOCK_NATIVE_PREBUILT``; None
+            without it, silently).
+    """
+    if folder is None:
+        named = os.environ.get(PREBUILT_ENV)
+        if not named:
+            return None
+        folder = Path(named)
+    have = set(cpu_flags().split())
+    levels = PORTABLE.get(_arch(), ())
+    for portable in levels:
+        if portable.needs <= have and (folder / portable.file).is_file():
+            return folder / portable.file
+    suitable = [p.file for p in levels if p.needs <= have]
+    log.warning("native kernels off: %s in %s", f"none of {', '.join(suitable)}" if suitable
+                else f"no prebuilt level for this CPU ({platform.machine()})", folder)
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels (built on first use), or None where they cannot be had."""
+    """The loaded kernels, or None where they cannot be had.
+
+    A local build first (built on first use), else the best prebuilt file (`prebuilt`).
+    """
     if os.environ.get("LORADOCK_NATIVE", "1") == "0":
-        return None
-    path = build()
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        log.warning("native kernels off: could not load %s (%s)", path.name, exc)
         return None
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     signatures = {
@@ -132,12 +279,24 @@ def library() -> ctypes.CDLL | None:
         "decode_attn": [i32, i32, i32, i32, p, i64, p, p, i64, i64, p, p, p, f32, f32, p, i64,
                         p],
     }
-    for stem, argtypes in signatures.items():
-        for suffix in ("f32", "bf16"):
-            fn = getattr(lib, f"{stem}_{suffix}")
-            fn.restype = None
-            fn.argtypes = argtypes
-    return lib
+    for find in (build, prebuilt):
+        path = find()
+        if path is None:
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+            for stem, argtypes in signatures.items():
+                for suffix in ("f32", "bf16"):
+                    fn = getattr(lib, f"{stem}_{suffix}")
+                    fn.restype = None
+                    fn.argtypes = argtypes
+        except (OSError, AttributeError) as exc:
+            log.warning("native kernels off: could not load %s (%s)", path.name, exc)
+            continue
+        log.info("native kernels: loaded %s (%s)", path,
+                 "built here" if find is build else "prebuilt")
+        return lib
+    return None
 
 
 SUFFIX = {"float32": "f32", "bfloat16": "bf16"}
@@ -194,3 +353,28 @@ class DecodeAttention:
                 values.data_ptr(), keys.stride(0), keys.stride(1),
                 None if kv_rows is None else kv_rows.data_ptr(), lo.data_ptr(), hi.data_ptr(),
                 scale, softcap or 0.0, out.data_ptr(), out.stride(0), scores.data_ptr())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serve.runtime.native --prebuild DIR``: one line per file written."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m serve.runtime.native",
+        description="Build the portable native kernels, for a machine without a compiler "
+                    f"(point ${PREBUILT_ENV} at DIR there).")
+    parser.add_argument("--prebuild", type=Path, metavar="DIR", required=True,
+                        help="Folder to write the libraries into (created).")
+    opts = parser.parse_args(argv)
+    try:
+        written = prebuild(opts.prebuild)
+    except RuntimeError as exc:
+        print(f"native prebuild failed: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

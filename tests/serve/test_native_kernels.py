@@ -6,6 +6,10 @@ family token-exact in `tests/serve/test_families.py`.
 
 from __future__ import annotations
 
+import hashlib
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,13 +39,8 @@ def _reference(q, keys, values, lo, hi, scale, softcap, groups):
     return torch.matmul(torch.softmax(scores, -1), values.float()).reshape(n, -1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("label", "n", "kv_heads", "groups", "d", "length", "window", "cap"),
-                         CASES, ids=[c[0] for c in CASES])
-def test_decode_attention_matches_reference(label, n, kv_heads, groups, d, length, window, cap,
-                                            dtype):
-    if native.library() is None:
-        pytest.skip("no C compiler here: the native kernels cannot be built")
+def _check_decode_attention(label, n, kv_heads, groups, d, length, window, cap, dtype):
+    """One `CASES` row through the loaded kernel, against `_reference`."""
     attention = DecodeAttention.load(dtype)
     gen = torch.Generator().manual_seed(0)
     # A cache with room to spare, as the engine's (positions past `length` hold garbage).
@@ -64,6 +63,16 @@ def test_decode_attention_matches_reference(label, n, kv_heads, groups, d, lengt
     torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol, msg=label)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("label", "n", "kv_heads", "groups", "d", "length", "window", "cap"),
+                         CASES, ids=[c[0] for c in CASES])
+def test_decode_attention_matches_reference(label, n, kv_heads, groups, d, length, window, cap,
+                                            dtype):
+    if native.library() is None:
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    _check_decode_attention(label, n, kv_heads, groups, d, length, window, cap, dtype)
+
+
 def test_sdpa_agrees_with_the_reference_used_above():
     gen = torch.Generator().manual_seed(1)
     keys, values = torch.randn(2, 2, 10, 16, generator=gen), torch.randn(2, 2, 10, 16,
@@ -81,6 +90,7 @@ def test_a_failing_compiler_leaves_torch_paths(tmp_path, monkeypatch, caplog):
     from serve.runtime.lora import LoraStack
 
     monkeypatch.setenv("CC", "false")  # exits 1, as a broken toolchain would
+    monkeypatch.delenv("LORADOCK_NATIVE_PREBUILT", raising=False)
     native.identity.cache_clear()
     try:
         with caplog.at_level("WARNING", logger="loradock.serve"):
@@ -102,3 +112,63 @@ def test_the_build_is_keyed_by_source_and_reused(tmp_path):
     assert first is not None and native.identity() in first.name
     mtime = first.stat().st_mtime_ns
     assert native.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
+
+
+@pytest.fixture
+def fresh_library(monkeypatch):
+    """Fresh `library`/`identity` caches (cleared again after, for the next test's env)."""
+    monkeypatch.delenv("LORADOCK_NATIVE", raising=False)
+    native.library.cache_clear()
+    native.identity.cache_clear()
+    yield monkeypatch
+    native.library.cache_clear()
+    native.identity.cache_clear()
+
+
+def _best_level() -> str | None:
+    """The highest portable level this CPU runs, by the x86-64 psABI levels' flag lists."""
+    have = set(native.cpu_flags().split())
+    v3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "abm", "xsave", "popcnt",
+          "pni", "ssse3", "sse4_1", "sse4_2", "cx16", "lahf_lm"}
+    v4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    machine = platform.machine()
+    if machine in ("aarch64", "arm64"):
+        return "armv8-a"
+    if machine in ("x86_64", "AMD64") and v3 <= have:
+        return "x86-64-v4" if v4 <= have else "x86-64-v3"
+    return None
+
+
+def test_prebuilt_kernels_load_without_a_compiler_and_agree_with_torch(tmp_path,
+                                                                       fresh_library):
+    if native.compiler() is None or _best_level() is None:
+        pytest.skip("no C compiler here, or no portable level for this CPU")
+    written = native.prebuild(tmp_path / "prebuilt")
+    assert [p.name for p in written] == [p.file for p in native.PORTABLE[native._arch()]]
+    fresh_library.setenv("CC", "false")  # exits 1, as a broken toolchain would
+    fresh_library.setenv("LORADOCK_NATIVE_PREBUILT", str(tmp_path / "prebuilt"))
+    fresh_library.setenv("LORADOCK_CACHE", str(tmp_path / "cache"))
+    lib = native.library()
+    assert lib is not None
+    assert Path(lib._name).name == f"loradock-native-{_best_level()}.so"
+    # The identity names the prebuilt file (its bytes), not a local build.
+    digest = hashlib.sha256(b"\0".join([Path(lib._name).read_bytes(),
+                                        native.cpu_flags().encode(),
+                                        platform.machine().encode()])).hexdigest()[:20]
+    assert native.identity() == digest
+    for case in CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            _check_decode_attention(*case, dtype)
+    assert not list((tmp_path / "cache").rglob("*.so"))  # the failed build left nothing
+
+
+def test_an_empty_prebuilt_folder_without_a_compiler_gives_none(tmp_path, fresh_library,
+                                                                caplog):
+    fresh_library.setenv("CC", "false")
+    fresh_library.setenv("LORADOCK_NATIVE_PREBUILT", str(tmp_path))
+    fresh_library.setenv("LORADOCK_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level("INFO", logger="loradock.serve"):
+        assert native.library() is None
+        assert native.identity() == ""
+    assert "native kernels off" in caplog.text
+    assert DecodeAttention.load("float32") is None and native.sgmv("float32") is None
