@@ -109,7 +109,7 @@ def flags(target: Portable | None = None) -> list[str]:
     out = list(COMMON_FLAGS)
     if target is not None:
         return out + list(target.target)
-    if platform.machine() in ("x86_64", "AMD64", "i686"):
+    if _arch() in ("x86_64", "i686"):
         out.append("-march=native")
         if " avx512f " in f" {cpu_flags()} ":
             out.append("-mprefer-vector-width=512")
