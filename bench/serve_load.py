@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--swap-every", type=float, default=1.0)
     parser.add_argument("--max-running", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="the server's torch threads "
+                        "(0: its default, all cores)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -178,7 +180,7 @@ def main() -> None:
         del model
         server = start_server(home, engine="peft", args=[
             "--max-adapters", str(args.max_adapters), "--max-running", str(args.max_running),
-            "--max-queue", "256", "--max-model-len", "512"])
+            "--max-queue", "256", "--max-model-len", "512", "--threads", str(args.threads)])
         try:
             stats = asyncio.run(run(args, server.url, home, sources, names))
             engine = engine_counters(server.url)

@@ -7,8 +7,9 @@ native bf16), on others 2.5-7x faster (AVX512-BF16, AMX). So nothing is assumed.
    with ``F.linear`` at a decode batch of 16 rows, in fp32 and in bf16, a fraction of a second
    each.
 2. **Agreement**: if bf16 is faster, the base runs a fixed probe set teacher-forced (a few
-   sentences through the base's own tokenizer) in fp32 and in bf16; bf16 is chosen only when its
-   top-1 token equals fp32's at ``>= MIN_AGREEMENT`` of the positions.
+   sentences through the base's own tokenizer) in fp32 and in bf16 as the runner computes it
+   (its leading logits recomputed in fp32, `serve.runtime.logits`); bf16 is chosen only when
+   its top-1 token equals fp32's at ``>= MIN_AGREEMENT`` of the positions.
 
 3. **Kernel**: in the chosen dtype, the same shapes are timed at 1 and 16 rows with ``F.linear``
    and with oneDNN on weights reordered once (`serve.runtime.weights.onednn_pack`; the same
@@ -54,7 +55,7 @@ MIN_SPEEDUP = 1.10
 BATCH = 16
 # The oneDNN layout must beat F.linear by this factor (summed over 1 and BATCH rows).
 MIN_KERNEL_SPEEDUP = 1.05
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 # The native LoRA kernel's deltas may differ from torch's by this much (of their largest).
 NATIVE_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
 PROBE_TEXTS = (
@@ -120,14 +121,21 @@ def choose_kernel(shapes: list[tuple[int, int]], dtype: torch.dtype) -> tuple[st
 
 
 def probe_agreement(model: Any, tokenizer_path: Path) -> float:
-    """Share of probe positions where bf16's top-1 token equals fp32's (teacher-forced)."""
+    """Share of probe positions where bf16's top-1 token equals fp32's (teacher-forced).
+
+    The bf16 side is computed as the runner serves it: every layer in bf16, then the lm_head in
+    bf16 with its leading logits recomputed in fp32 (`serve.runtime.logits.refine_top`).
+    """
     import copy
 
     import torch
     from transformers import AutoTokenizer
 
+    from serve.runtime.logits import refine_top
+
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=False)
     vocab = int(model.config.vocab_size)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     sequences = [[i for i in tokenizer(text)["input_ids"] if i < vocab] for text in PROBE_TEXTS]
     low = copy.deepcopy(model).to(torch.bfloat16)
     same = total = 0
@@ -135,8 +143,12 @@ def probe_agreement(model: Any, tokenizer_path: Path) -> float:
         for ids in sequences:
             batch = torch.tensor([ids])
             ref = model(input_ids=batch).logits[0].argmax(-1)
-            got = low(input_ids=batch).logits[0].float().argmax(-1)
-            same += int((ref == got).sum())
+            hidden = low.model(input_ids=batch).last_hidden_state[0]
+            weight = low.lm_head.weight
+            got = refine_top(torch.nn.functional.linear(hidden, weight), hidden, weight)
+            if softcap:
+                got = torch.tanh(got / softcap) * softcap
+            same += int((ref == got.argmax(-1)).sum())
             total += len(ids)
     del low
     return same / max(1, total)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from serve.runtime.kv_cache import KVCache
+from serve.runtime.logits import refine_top
 from serve.runtime.lora import LoraBatch, LoraStack
 from serve.runtime.weights import PROJECTIONS, LayerWeights, Projection, build_weights
 
@@ -92,7 +93,8 @@ class ModelRunner:
         model.to(self.dtype)  # embeddings, final norm and lm_head (the layers were fused)
         self.final_norm = (self.inner.norm.weight.detach().float()
                            + self.spec.norm_offset).to(self.dtype)
-        self.lm_head = Projection(model.lm_head.weight)
+        self.head_weight = model.lm_head.weight  # kept dense: `refine_top` reads its rows
+        self.lm_head = Projection(self.head_weight)
         if base.dtype_choice is not None and base.dtype_choice.kernel == "onednn":
             # The embedding keeps its (tied) weight; the lm_head gets its own reordered copy.
             for p in [*(getattr(layer, name) for layer in self.layers for name in PROJECTIONS),
@@ -222,10 +224,11 @@ class ModelRunner:
             self.cache.lengths[row] = start + size
         if len(lasts) != x.shape[0]:
             x = x.index_select(0, torch.tensor(lasts, device=self.device))
-        logits = self.lm_head(self._norm(x, self.final_norm))
+        h = self._norm(x, self.final_norm)
+        logits = refine_top(self.lm_head(h), h, self.head_weight)
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits.float()
+        return logits
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, self.eps)
