@@ -254,3 +254,220 @@ static inline float hsum16(v16f v) {
 
 DEFINE_ATTN(decode_attn_f32, float, f32)
 DEFINE_ATTN(decode_attn_bf16, uint16_t, bf16)
+
+/* nf4_linear_<dtype>: y[i] = x[i] @ W^T (+ bias) for a few rows, W held as its 4-bit codes.
+ *
+ * Where a decode step has one to a few rows, it reads every weight once and does a handful of
+ * flops per byte: it is bound by memory bandwidth, and the bytes are the cost. An nf4-dense
+ * base (hub/nf4.py) is exactly 16 values per block of 64 weights times the block's scale, so
+ * it is held here as 4-bit codes (0.5 byte per weight, a quarter of bf16) plus one fp32 scale
+ * per block, and decoded in registers: the code is an index into the 16-entry table, one
+ * permute per 16 weights. Layout (serve/runtime/nf4_kernel.py packs it): row j's block b is
+ * 32 bytes at codes + j * k / 2 + 32 b, byte t holding element 64 b + t in its low nibble and
+ * 64 b + 32 + t in its high one; scales[j * k / 64 + b]. Products accumulate in fp32 against
+ * the exact fp32 weight values (code value times scale); out is rounded once.
+ *
+ * Rows of W are split over `threads` threads (the caller's plus a small pool kept for the
+ * process: workers spin briefly after a job, since the next projection follows within
+ * microseconds, then sleep on a condition variable).
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <time.h>
+
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+
+#define NF4_MAXM 4     /* rows decoded together; more rows are done as several passes */
+#define NF4_CHUNK 16   /* output rows per work item */
+#define POOL_MAX 64
+#define SPIN_NS 60000  /* how long an idle worker spins before it sleeps */
+
+typedef void (*task_fn)(void *ctx, int64_t lo, int64_t hi);
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int workers;            /* started so far */
+    atomic_uint_fast64_t gen;
+    task_fn fn;
+    void *ctx;
+    int64_t total;
+    int helpers;            /* workers taking part in the current job */
+    atomic_int_fast64_t next;
+    atomic_int pending;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+/* One job at a time: callers on several threads queue here. */
+static pthread_mutex_t job_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* A worker's first generation is read by its creator, before the job that needs it is posted:
+ * read by the new thread itself, it could already be that job's, which it would then miss. */
+static uint64_t start_gen[POOL_MAX];
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void run_chunks(void) {
+    for (;;) {
+        int64_t lo = atomic_fetch_add(&pool.next, NF4_CHUNK);
+        if (lo >= pool.total) return;
+        int64_t hi = lo + NF4_CHUNK < pool.total ? lo + NF4_CHUNK : pool.total;
+        pool.fn(pool.ctx, lo, hi);
+    }
+}
+
+static void *worker(void *arg) {
+    int id = (int)(intptr_t)arg;
+    uint64_t seen = start_gen[id];
+    for (;;) {
+        int64_t until = now_ns() + SPIN_NS;
+        while (atomic_load_explicit(&pool.gen, memory_order_acquire) == seen) {
+            cpu_relax();
+            if (now_ns() > until) {
+                pthread_mutex_lock(&pool.mu);
+                while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+                pthread_mutex_unlock(&pool.mu);
+            }
+        }
+        seen = atomic_load(&pool.gen);
+        if (id < pool.helpers) {
+            run_chunks();
+            atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+/* Run fn over [0, total) in NF4_CHUNK pieces on `threads` threads (the caller's included). */
+static void parallel(task_fn fn, void *ctx, int64_t total, int threads) {
+    int helpers = threads - 1;
+    if (helpers > POOL_MAX) helpers = POOL_MAX;
+    if (helpers > (total + NF4_CHUNK - 1) / NF4_CHUNK - 1)
+        helpers = (int)((total + NF4_CHUNK - 1) / NF4_CHUNK - 1);
+    if (helpers <= 0) {
+        fn(ctx, 0, total);
+        return;
+    }
+    pthread_mutex_lock(&job_mu);
+    while (pool.workers < helpers) {
+        pthread_t t;
+        start_gen[pool.workers] = atomic_load(&pool.gen);
+        if (pthread_create(&t, NULL, worker, (void *)(intptr_t)pool.workers) != 0) break;
+        pthread_detach(t);
+        pool.workers++;
+    }
+    if (helpers > pool.workers) helpers = pool.workers;
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.total = total;
+    pool.helpers = helpers;
+    atomic_store(&pool.next, 0);
+    atomic_store(&pool.pending, helpers);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+    run_chunks();
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
+    pthread_mutex_unlock(&job_mu);
+}
+
+struct nf4_job {
+    int m, k;
+    const float *x;          /* [m, k] fp32 */
+    const uint8_t *codes;
+    const float *scales;
+    const float *table;
+    float *y;                /* [m, n] fp32 */
+    int64_t n;
+};
+
+static inline v16f nf4_decode(v16f table, v16b bytes) {
+#if defined(__GNUC__) && !defined(__clang__)
+    v16i idx = __builtin_convertvector(bytes, v16i);
+    return __builtin_shuffle(table, idx);  /* one vpermps on AVX-512 */
+#else
+    v16f w;  /* clang has no variable-index vector shuffle builtin */
+    for (int t = 0; t < 16; t++) w[t] = table[bytes[t]];
+    return w;
+#endif
+}
+
+#define DEFINE_NF4_ROWS(M)                                                                     \
+    static void nf4_rows_##M(const struct nf4_job *jb, int64_t lo, int64_t hi) {               \
+        v16f table;                                                                            \
+        memcpy(&table, jb->table, 64);                                                         \
+        int k = jb->k, blocks = k / 64;                                                        \
+        for (int64_t j = lo; j < hi; j++) {                                                    \
+            const uint8_t *c = jb->codes + j * (int64_t)(k / 2);                               \
+            const float *s = jb->scales + j * (int64_t)blocks;                                 \
+            v16f acc[M] = {0};                                                                 \
+            for (int b = 0; b < blocks; b++) {                                                 \
+                v16b raw[2];                                                                   \
+                memcpy(raw, c + 32 * b, 32);                                                   \
+                v16f w[4] = {nf4_decode(table, raw[0] & 15), nf4_decode(table, raw[1] & 15),   \
+                             nf4_decode(table, raw[0] >> 4), nf4_decode(table, raw[1] >> 4)};  \
+                for (int i = 0; i < M; i++) {                                                  \
+                    const float *xi = jb->x + (int64_t)i * k + 64 * b;                         \
+                    v16f part = w[0] * load16_f32(xi) + w[1] * load16_f32(xi + 16)             \
+                                + w[2] * load16_f32(xi + 32) + w[3] * load16_f32(xi + 48);     \
+                    acc[i] += s[b] * part;                                                     \
+                }                                                                              \
+            }                                                                                  \
+            for (int i = 0; i < M; i++) jb->y[(int64_t)i * jb->n + j] = hsum16(acc[i]);        \
+        }                                                                                      \
+    }
+DEFINE_NF4_ROWS(1)
+DEFINE_NF4_ROWS(2)
+DEFINE_NF4_ROWS(3)
+DEFINE_NF4_ROWS(4)
+
+static void nf4_task(void *ctx, int64_t lo, int64_t hi) {
+    const struct nf4_job *jb = ctx;
+    switch (jb->m) {
+    case 1: nf4_rows_1(jb, lo, hi); break;
+    case 2: nf4_rows_2(jb, lo, hi); break;
+    case 3: nf4_rows_3(jb, lo, hi); break;
+    default: nf4_rows_4(jb, lo, hi); break;
+    }
+}
+
+#define DEFINE_NF4_LINEAR(NAME, T, SFX)                                                        \
+    int NAME(int m, int k, int64_t n, const T *x, int64_t x_stride, const uint8_t *codes,      \
+             const float *scales, const float *table, const T *bias, T *out,                   \
+             int64_t out_stride, int threads) {                                                \
+        if (k % 64) return -1;                                                                 \
+        float *xf = malloc(sizeof(float) * (size_t)NF4_MAXM * (size_t)(k + n));                \
+        if (!xf) return -2;                                                                    \
+        float *yf = xf + (size_t)NF4_MAXM * k;                                                 \
+        for (int r0 = 0; r0 < m; r0 += NF4_MAXM) {                                             \
+            int mm = m - r0 < NF4_MAXM ? m - r0 : NF4_MAXM;                                    \
+            for (int i = 0; i < mm; i++)                                                       \
+                for (int e = 0; e < k; e++)                                                    \
+                    xf[(int64_t)i * k + e] = load1_##SFX(x + (int64_t)(r0 + i) * x_stride + e);\
+            struct nf4_job jb = {mm, k, xf, codes, scales, table, yf, n};                      \
+            parallel(nf4_task, &jb, n, threads);                                               \
+            for (int i = 0; i < mm; i++) {                                                     \
+                T *o = out + (int64_t)(r0 + i) * out_stride;                                   \
+                for (int64_t j = 0; j < n; j++)                                                \
+                    store1_##SFX(o + j, yf[(int64_t)i * n + j]                                 \
+                                 + (bias ? load1_##SFX(bias + j) : 0.0f));                     \
+            }                                                                                  \
+        }                                                                                      \
+        free(xf);                                                                              \
+        return 0;                                                                              \
+    }
+
+DEFINE_NF4_LINEAR(nf4_linear_f32, float, f32)
+DEFINE_NF4_LINEAR(nf4_linear_bf16, uint16_t, bf16)

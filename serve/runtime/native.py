@@ -48,7 +48,7 @@ log = logging.getLogger("loradock.serve")
 SOURCE = Path(__file__).with_name("native.c")
 BUILD_TIMEOUT_S = 120
 PREBUILT_ENV = "LORADOCK_NATIVE_PREBUILT"
-COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11")
+COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11", "-pthread")
 
 
 @dataclass(frozen=True)
@@ -278,6 +278,7 @@ def library() -> ctypes.CDLL | None:
         "sgmv": [i32, p, p, p, i32, p, i64, p, i32, i32, i32, p, p, p, p, i64],
         "decode_attn": [i32, i32, i32, i32, p, i64, p, p, i64, i64, p, p, p, f32, f32, p, i64,
                         p],
+        "nf4_linear": [i32, i32, i64, p, i64, p, p, p, p, p, i64, i32],
     }
     for find in (build, prebuilt):
         path = find()
@@ -288,7 +289,7 @@ def library() -> ctypes.CDLL | None:
             for stem, argtypes in signatures.items():
                 for suffix in ("f32", "bf16"):
                     fn = getattr(lib, f"{stem}_{suffix}")
-                    fn.restype = None
+                    fn.restype = ctypes.c_int if stem == "nf4_linear" else None
                     fn.argtypes = argtypes
         except (OSError, AttributeError) as exc:
             log.warning("native kernels off: could not load %s (%s)", path.name, exc)
@@ -313,6 +314,14 @@ def sgmv(dtype):
     if lib is None or suffix is None:
         return None
     return getattr(lib, f"sgmv_{suffix}")
+
+
+def nf4_linear(dtype):
+    """The 4-bit-code linear kernel for ``float32`` or ``bfloat16`` activations, or None."""
+    lib, suffix = library(), _suffix(dtype)
+    if lib is None or suffix is None:
+        return None
+    return getattr(lib, f"nf4_linear_{suffix}")
 
 
 class DecodeAttention:

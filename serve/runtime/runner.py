@@ -54,7 +54,8 @@ class ModelRunner:
 
     def __init__(self, base: LoadedBase, *, max_running: int, max_adapters: int,
                  kv_initial_len: int = 256, lora_dtype: torch.dtype | None = None,
-                 lora_kernel: str = "torch", attention_kernel: str = "sdpa") -> None:
+                 lora_kernel: str = "torch", attention_kernel: str = "sdpa",
+                 nf4_kernel_rows: int = -1) -> None:
         """Fuse the weights, build RoPE tables, the KV cache and an empty LoRA stack.
 
         Args:
@@ -66,6 +67,8 @@ class ModelRunner:
             lora_kernel: ``torch`` or ``native`` (`serve.runtime.lora.LoraStack`).
             attention_kernel: Decode attention by ``sdpa`` (torch's) or ``native``
                 (`serve.runtime.native.DecodeAttention`; SDPA where it cannot be loaded).
+            nf4_kernel_rows: An nf4-dense base on CPU runs passes of up to this many rows by
+                its 4-bit codes (`serve.runtime.nf4_kernel`); 0: never; -1: measured.
         """
         import torch
 
@@ -80,7 +83,9 @@ class ModelRunner:
         self.vocab_size = int(model.config.vocab_size)
         tables = self._rope_tables()
         rotary_dim = next(iter(tables.values()))[0].shape[-1]
-        self.weights = build_weights(model, self.spec, self.dtype, rotary_dim)
+        nf4 = (base.dtype_name == "nf4-dense" and self.device.type == "cpu"
+               and nf4_kernel_rows != 0)
+        self.weights = build_weights(model, self.spec, self.dtype, rotary_dim, nf4=nf4)
         w = self.weights
         self.layers: list[LayerWeights] = w.layers
         self.num_layers = len(self.layers)
@@ -100,6 +105,8 @@ class ModelRunner:
             for p in [*(getattr(layer, name) for layer in self.layers for name in PROJECTIONS),
                       self.lm_head]:
                 p.pack()  # False (kept on F.linear) where this torch build has no oneDNN
+        # Small passes of an nf4-dense base by its 4-bit codes (serve.runtime.nf4_kernel).
+        self.nf4_rows, self.nf4_reason = self._choose_nf4_rows(nf4_kernel_rows)
         softcap_attr = self.spec.final_softcap_attr
         self.final_softcap = getattr(model.config, softcap_attr, None) if softcap_attr else None
         self.cache = KVCache(
@@ -155,6 +162,36 @@ class ModelRunner:
             cos_p = torch.cat([cos_p, torch.ones(cos_p.shape[0], pad)], dim=1)
             sin_p = torch.cat([sin_p, torch.zeros(sin_p.shape[0], pad)], dim=1)
         return cos_p.to(self.dtype).contiguous(), sin_p.to(self.dtype).contiguous()
+
+    def _choose_nf4_rows(self, forced: int) -> tuple[int, str]:
+        """Rows up to which passes use the 4-bit-code kernel, and why (see `nf4_kernel`).
+
+        Args:
+            forced: That many rows (0: never), or -1: time the kernel against the dense
+                projections of layer 0 and use it up to the rows where it is faster.
+        """
+        projections = [getattr(layer, name) for layer in self.layers for name in PROJECTIONS]
+        if not projections or any(p.small is None for p in projections):
+            for p in projections:
+                p.small = None
+            return 0, ""
+        from serve.runtime.nf4_kernel import choose_rows
+
+        if forced >= 0:
+            rows, reason = forced, f"4-bit-code kernel up to {forced} rows (asked for)"
+        else:
+            rows, times = choose_rows([getattr(self.layers[0], name) for name in PROJECTIONS],
+                                      self.dtype)
+            reason = (f"4-bit-code kernel up to {rows} rows (one layer, dense/kernel ms by "
+                      f"rows: {', '.join(f'{m}: {d:.2f}/{k:.2f}' for m, (d, k) in times.items())})")
+        for p in projections:
+            p.small_rows = rows
+            if rows == 0:
+                p.small = None  # not used here: do not hold the codes
+        import logging
+
+        logging.getLogger("loradock.serve").info("%s", reason)
+        return rows, reason
 
     # -- LoRA plans -------------------------------------------------------------------------
 

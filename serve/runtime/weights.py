@@ -34,6 +34,8 @@ from serve.runtime.families import FamilySpec
 if TYPE_CHECKING:
     import torch
 
+    from serve.runtime.nf4_kernel import Nf4Linear
+
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 
 
@@ -66,6 +68,10 @@ class Projection:
         """Wrap a dense weight, or modules whose outputs are concatenated (then permuted)."""
         self.weight, self.bias, self.modules, self.out_index = weight, bias, modules, out_index
         self.packed: torch.Tensor | None = None
+        # 4-bit codes of an nf4-dense weight (`serve.runtime.nf4_kernel`), used for passes of
+        # up to ``small_rows`` rows (0: never; set by the runner after timing it).
+        self.small: Nf4Linear | None = None
+        self.small_rows = 0
 
     def pack(self) -> bool:
         """Replace the dense weight by its oneDNN layout (held once); False if not possible."""
@@ -78,6 +84,12 @@ class Projection:
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.small_rows:
+            return self.small(x, self.bias)
+        return self.dense(x)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The projection by its dense weight (or its 4-bit modules), whatever the rows."""
         import torch
         import torch.nn.functional as F
 
@@ -169,8 +181,12 @@ def _norm_eps(module: Any) -> float:
 
 
 def build_weights(model: Any, spec: FamilySpec, dtype: torch.dtype, rotary_dim: int,
-                  ) -> ModelWeights:
+                  nf4: bool = False) -> ModelWeights:
     """Fuse ``model``'s decoder layers into `ModelWeights` in ``dtype`` (see the module doc).
+
+    With ``nf4`` (an nf4-dense base), each fused weight also gets its 4-bit codes
+    (`serve.runtime.nf4_kernel.pack_nf4`, None where they cannot be had), packed from the fp32
+    values before they are rounded to ``dtype``.
 
     The transformers layers are dropped afterwards (``model.model.layers``), so the weights are
     held once.
@@ -189,10 +205,10 @@ def build_weights(model: Any, spec: FamilySpec, dtype: torch.dtype, rotary_dim: 
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
         layers.append(LayerWeights(
-            qkv=_fuse([getattr(attn, leaf) for leaf in spec.qkv], dtype, qk_perm),
-            o=_fuse([attn.o_proj], dtype),
-            gate_up=_fuse([getattr(mlp, leaf) for leaf in spec.gate_up], dtype),
-            down=_fuse([mlp.down_proj], dtype),
+            qkv=_fuse([getattr(attn, leaf) for leaf in spec.qkv], dtype, nf4, qk_perm),
+            o=_fuse([attn.o_proj], dtype, nf4),
+            gate_up=_fuse([getattr(mlp, leaf) for leaf in spec.gate_up], dtype, nf4),
+            down=_fuse([mlp.down_proj], dtype, nf4),
             act=getattr(mlp, spec.act_attr),
             attn_in=_norm(layer, spec.attn_in_norm, spec, dtype),
             mlp_in=_norm(layer, spec.mlp_in_norm, spec, dtype),
@@ -223,8 +239,8 @@ def build_weights(model: Any, spec: FamilySpec, dtype: torch.dtype, rotary_dim: 
     return weights
 
 
-def _fuse(modules: list[Any], dtype: torch.dtype, qk_perm: torch.Tensor | None = None,
-          ) -> Projection:
+def _fuse(modules: list[Any], dtype: torch.dtype, nf4: bool = False,
+          qk_perm: torch.Tensor | None = None) -> Projection:
     """Stack the rows of ``modules`` (then permute the q|k rows) into one projection."""
     import torch
 
@@ -245,8 +261,13 @@ def _fuse(modules: list[Any], dtype: torch.dtype, qk_perm: torch.Tensor | None =
         order = torch.cat([qk_perm, torch.arange(qk_perm.numel(), weight.shape[0])])
         weight = weight.index_select(0, order)
         bias = None if bias is None else bias.index_select(0, order)
-    return Projection(weight.to(dtype).contiguous(),
-                      None if bias is None else bias.to(dtype).contiguous())
+    projection = Projection(weight.to(dtype).contiguous(),
+                            None if bias is None else bias.to(dtype).contiguous())
+    if nf4:
+        from serve.runtime.nf4_kernel import pack_nf4
+
+        projection.small = pack_nf4(weight.contiguous(), dtype)
+    return projection
 
 
 def _norm(layer: Any, name: str | None, spec: FamilySpec, dtype: torch.dtype,

@@ -396,7 +396,9 @@ def test_unsupported_architecture_is_refused_by_name(tmp_path):
 def test_auto_on_cpu_serves_the_4bit_values_qlora_adapters_trained_on(base_info, base_model, store,
                                                                       adapter_factory, prompts):
     """``auto`` on CPU serves ``nf4-dense`` weights; in fp32 compute, greedy output equals PEFT on
-    the dequantised NF4 base (the compute dtype itself is measured: see the next test)."""
+    the dequantised NF4 base (the compute dtype itself is measured: see the next test). Decode
+    passes of up to 4 rows run by the 4-bit codes here (`serve.runtime.nf4_kernel`, forced: by
+    default it is used where it measures faster), prefills by the dense weights."""
     from hub.nf4 import dense_nf4_model
 
     record = store.register(adapter_factory(**ADAPTERS["wide"]), "wide")
@@ -406,11 +408,12 @@ def test_auto_on_cpu_serves_the_4bit_values_qlora_adapters_trained_on(base_info,
                    for p in prompts for path in (None, record.path)]
     assert wanted != unquantised, "the 4-bit values must change some greedy output"
     config = EngineConfig(base=base_info, max_model_len=512,  # base_dtype="auto"
-                          options={"compute_dtype": "fp32"})
+                          options={"compute_dtype": "fp32", "nf4_kernel_rows": 4})
     engine = create_engine("peft", config)
     run(engine.start())
     try:
         assert "weights=nf4-dense compute=fp32" in engine.health().detail
+        assert "4-bit-code kernel up to 4 rows" in engine.health().detail
 
         async def go():
             return [(await collect(engine, request(p, rec)))[0]
