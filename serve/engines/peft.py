@@ -24,6 +24,7 @@ HTTP are the server front's (`serve.chat`, `serve.http`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 import time
@@ -320,11 +321,16 @@ class PeftEngine:
             cache.close()  # its loader thread was started above
             raise
         self._runner, self._cache, self._scheduler = runner, cache, scheduler
+        # What start-up left (the transformers model's remains, tokenizer, measurements) is
+        # never freed while serving: move it out of the collector's view, so later full
+        # collections, triggered by an adapter load's allocations, do not walk it all.
+        gc.collect()
+        gc.freeze()
         self._detail = (f"family={runner.spec.model_type} weights={base.dtype_name} "
                         f"compute={choice.dtype if choice else runner.dtype} "
                         f"({choice.reason if choice else ''}) device={base.device} "
                         f"threads={self._threads} ({runner.thread_plan.reason}) "
-                        f"{runner.nf4_reason}"
+                        f"{runner.nf4_reason + ' ' if runner.nf4_reason else ''}"
                         f"max_len={base.max_len} "
                         f"load_s={base.load_s:.1f}")
 

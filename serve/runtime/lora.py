@@ -345,7 +345,9 @@ class LoraStack:
 
     def _apply_native(self, key: ModuleKey, x: torch.Tensor, out: torch.Tensor,
                       plan: LoraBatch, offsets: list[int]) -> None:
-        """`apply` by the native kernel: one call per pool the rows use."""
+        """`apply` by the native kernel: one call per pool the rows use, on torch's threads."""
+        import torch
+
         for pp in plan.pools:
             pool = self.pools[pp.rank]
             indices = pool.targets.get(key)
@@ -357,7 +359,7 @@ class LoraStack:
             slots, starts, rows = pp.segments
             self._sgmv(slots.numel(), slots.data_ptr(), starts.data_ptr(), rows.data_ptr(),
                        args[0], x.data_ptr(), x.stride(0), *args[1:8], out.data_ptr(),
-                       out.stride(0))
+                       out.stride(0), torch.get_num_threads())
 
 
 def _native_args(pool: Pool, key: ModuleKey, offsets: list[int]) -> tuple:

@@ -10,6 +10,8 @@
  *   h[i]         = x[row_i] @ A^T[slot]               (A^T: [in, parts * r], fp32 accumulators)
  *   out[row_i]  += h[i][p r : (p + 1) r] @ B^T_p[slot]  for each part p, at its column offset
  * Only the slots the rows use are read; each adapter keeps its own rank (one call per pool).
+ * The blocks are the work items of the thread pool below (a mixed batch's adapters, or one
+ * adapter's row blocks, on every thread); each output row belongs to one block.
  * bf16 inputs are widened to fp32, products accumulate in fp32, and out is rounded once
  * (round to nearest even), as torch's bf16 matmuls do.
  */
@@ -61,77 +63,221 @@ static inline void addout_bf16(uint16_t *o, float d) { *o = f2bf(bf2f(*o) + d); 
 static inline void store1_f32(float *o, float d) { *o = d; }
 static inline void store1_bf16(uint16_t *o, float d) { *o = f2bf(d); }
 
+/* The kernels' thread pool: a job's work items [0, total) are split over `threads` threads,
+ * the caller's plus workers kept for the process. Workers spin briefly after a job, since the
+ * next projection follows within microseconds, then sleep on a condition variable. One job
+ * at a time (callers on several threads queue).
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <time.h>
+
+#define POOL_MAX 64
+#define SPIN_NS 60000  /* how long an idle worker spins before it sleeps */
+
+typedef void (*task_fn)(void *ctx, int64_t lo, int64_t hi);
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int workers;            /* started so far */
+    atomic_uint_fast64_t gen;
+    task_fn fn;
+    void *ctx;
+    int64_t total, chunk;
+    int helpers;            /* workers taking part in the current job */
+    atomic_int_fast64_t next;
+    atomic_int pending;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+/* One job at a time: callers on several threads queue here. */
+static pthread_mutex_t job_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* A worker's first generation is read by its creator, before the job that needs it is posted:
+ * read by the new thread itself, it could already be that job's, which it would then miss. */
+static uint64_t start_gen[POOL_MAX];
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void run_chunks(void) {
+    for (;;) {
+        int64_t lo = atomic_fetch_add(&pool.next, pool.chunk);
+        if (lo >= pool.total) return;
+        int64_t hi = lo + pool.chunk < pool.total ? lo + pool.chunk : pool.total;
+        pool.fn(pool.ctx, lo, hi);
+    }
+}
+
+static void *worker(void *arg) {
+    int id = (int)(intptr_t)arg;
+    uint64_t seen = start_gen[id];
+    for (;;) {
+        int64_t until = now_ns() + SPIN_NS;
+        while (atomic_load_explicit(&pool.gen, memory_order_acquire) == seen) {
+            cpu_relax();
+            if (now_ns() > until) {
+                pthread_mutex_lock(&pool.mu);
+                while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+                pthread_mutex_unlock(&pool.mu);
+            }
+        }
+        seen = atomic_load(&pool.gen);
+        if (id < pool.helpers) {
+            run_chunks();
+            atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+/* Run fn over [0, total) in pieces of `chunk` on `threads` threads (the caller's included). */
+static void parallel(task_fn fn, void *ctx, int64_t total, int64_t chunk, int threads) {
+    int helpers = threads - 1;
+    if (helpers > POOL_MAX) helpers = POOL_MAX;
+    if (helpers > (total + chunk - 1) / chunk - 1) helpers = (int)((total + chunk - 1) / chunk - 1);
+    if (helpers <= 0) {
+        fn(ctx, 0, total);
+        return;
+    }
+    pthread_mutex_lock(&job_mu);
+    while (pool.workers < helpers) {
+        pthread_t t;
+        start_gen[pool.workers] = atomic_load(&pool.gen);
+        if (pthread_create(&t, NULL, worker, (void *)(intptr_t)pool.workers) != 0) break;
+        pthread_detach(t);
+        pool.workers++;
+    }
+    if (helpers > pool.workers) helpers = pool.workers;
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.total = total;
+    pool.chunk = chunk;
+    pool.helpers = helpers;
+    atomic_store(&pool.next, 0);
+    atomic_store(&pool.pending, helpers);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+    run_chunks();
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
+    pthread_mutex_unlock(&job_mu);
+}
+
 #define DEFINE_SGMV(NAME, T, SFX)                                                              \
-    void NAME(int nseg, const int32_t *seg_slot, const int32_t *seg_start,                    \
-              const int32_t *rows, int in_f, const T *x, int64_t x_stride, const T *at,       \
-              int pr, int r, int parts, const T *const *bt, const int64_t *sizes,             \
-              const int64_t *offsets, T *out, int64_t out_stride) {                           \
-        float h[RB * pr];                                                                     \
-        for (int s = 0; s < nseg; s++) {                                                      \
-            int64_t slot = seg_slot[s];                                                       \
-            const T *a = at + slot * (int64_t)in_f * pr;                                      \
-            for (int b0 = seg_start[s]; b0 < seg_start[s + 1]; b0 += RB) {                    \
-                int nb = seg_start[s + 1] - b0;                                               \
-                if (nb > RB) nb = RB;                                                         \
-                const int32_t *rw = rows + b0;                                                \
-                const T *xr[RB];                                                              \
-                for (int i = 0; i < RB; i++)                                                  \
-                    xr[i] = x + (int64_t)rw[i < nb ? i : 0] * x_stride;                       \
-                /* shrink, 16 columns of h at a time, RB rows sharing each load of A */       \
-                int j = 0;                                                                    \
-                for (; j + 16 <= pr; j += 16) {                                               \
-                    v16f acc[RB] = {0};                                                       \
-                    for (int k = 0; k < in_f; k++) {                                          \
-                        v16f av = load16_##SFX(a + (int64_t)k * pr + j);                      \
-                        for (int i = 0; i < RB; i++) acc[i] += load1_##SFX(xr[i] + k) * av;   \
-                    }                                                                         \
-                    for (int i = 0; i < RB; i++) memcpy(h + i * pr + j, &acc[i], 64);         \
-                }                                                                             \
-                for (; j < pr; j++) {                                                         \
-                    float acc[RB] = {0};                                                      \
-                    for (int k = 0; k < in_f; k++) {                                          \
-                        float av = load1_##SFX(a + (int64_t)k * pr + j);                      \
-                        for (int i = 0; i < RB; i++) acc[i] += load1_##SFX(xr[i] + k) * av;   \
-                    }                                                                         \
-                    for (int i = 0; i < RB; i++) h[i * pr + j] = acc[i];                      \
-                }                                                                             \
-                /* expand, 16 * JW output columns at a time, each part at its offset */       \
-                for (int p = 0; p < parts; p++) {                                             \
-                    int64_t size = sizes[p];                                                  \
-                    const T *b = bt[p] + slot * (int64_t)r * size;                            \
-                    const float *hp = h + p * r;                                              \
-                    int64_t c = 0;                                                            \
-                    for (; c + 16 * JW <= size; c += 16 * JW) {                               \
-                        v16f acc[RB][JW] = {{0}};                                             \
-                        for (int t = 0; t < r; t++) {                                         \
-                            const T *brow = b + (int64_t)t * size + c;                        \
-                            v16f bv[JW];                                                      \
-                            for (int q = 0; q < JW; q++) bv[q] = load16_##SFX(brow + 16 * q); \
-                            for (int i = 0; i < RB; i++) {                                    \
-                                float hv = hp[i * pr + t];                                    \
-                                for (int q = 0; q < JW; q++) acc[i][q] += hv * bv[q];         \
-                            }                                                                 \
-                        }                                                                     \
-                        for (int i = 0; i < nb; i++) {                                        \
-                            T *o = out + (int64_t)rw[i] * out_stride + offsets[p] + c;        \
-                            float d[16 * JW];                                                 \
-                            memcpy(d, acc[i], sizeof d);                                      \
-                            for (int e = 0; e < 16 * JW; e++) addout_##SFX(o + e, d[e]);      \
-                        }                                                                     \
-                    }                                                                         \
-                    for (; c < size; c++) {                                                   \
-                        float acc[RB] = {0};                                                  \
-                        for (int t = 0; t < r; t++) {                                         \
-                            float bv = load1_##SFX(b + (int64_t)t * size + c);                \
-                            for (int i = 0; i < RB; i++) acc[i] += hp[i * pr + t] * bv;       \
-                        }                                                                     \
-                        for (int i = 0; i < nb; i++)                                          \
-                            addout_##SFX(out + (int64_t)rw[i] * out_stride + offsets[p] + c,  \
-                                         acc[i]);                                             \
-                    }                                                                         \
-                }                                                                             \
-            }                                                                                 \
-        }                                                                                     \
+    struct NAME##_job {                                                                        \
+        const int32_t *seg_slot, *seg_start, *rows, *items;                                    \
+        int in_f, pr, r, parts;                                                                \
+        const T *x, *at;                                                                       \
+        const T *const *bt;                                                                    \
+        const int64_t *sizes, *offsets;                                                        \
+        int64_t x_stride, out_stride;                                                          \
+        T *out;                                                                                \
+    };                                                                                         \
+    /* work items lo .. hi - 1: item i is the block of up to RB rows of segment items[2 i]     \
+       starting at row index items[2 i + 1] */                                                 \
+    static void NAME##_items(void *ctx, int64_t lo, int64_t hi) {                              \
+        const struct NAME##_job *jb = ctx;                                                     \
+        const int32_t *seg_start = jb->seg_start, *rows = jb->rows;                            \
+        const int in_f = jb->in_f, pr = jb->pr, r = jb->r, parts = jb->parts;                  \
+        const T *x = jb->x;                                                                    \
+        const int64_t x_stride = jb->x_stride, out_stride = jb->out_stride;                    \
+        const int64_t *sizes = jb->sizes, *offsets = jb->offsets;                              \
+        T *out = jb->out;                                                                      \
+        float h[RB * pr];                                                                      \
+        for (int64_t item = lo; item < hi; item++) {                                           \
+            int s = jb->items[2 * item], b0 = jb->items[2 * item + 1];                         \
+            int64_t slot = jb->seg_slot[s];                                                    \
+            const T *a = jb->at + slot * (int64_t)in_f * pr;                                   \
+            {                                                                                  \
+                int nb = seg_start[s + 1] - b0;                                                \
+                if (nb > RB) nb = RB;                                                          \
+                const int32_t *rw = rows + b0;                                                 \
+                const T *xr[RB];                                                               \
+                for (int i = 0; i < RB; i++)                                                   \
+                    xr[i] = x + (int64_t)rw[i < nb ? i : 0] * x_stride;                        \
+                /* shrink, 16 columns of h at a time, RB rows sharing each load of A */        \
+                int j = 0;                                                                     \
+                for (; j + 16 <= pr; j += 16) {                                                \
+                    v16f acc[RB] = {0};                                                        \
+                    for (int k = 0; k < in_f; k++) {                                           \
+                        v16f av = load16_##SFX(a + (int64_t)k * pr + j);                       \
+                        for (int i = 0; i < RB; i++) acc[i] += load1_##SFX(xr[i] + k) * av;    \
+                    }                                                                          \
+                    for (int i = 0; i < RB; i++) memcpy(h + i * pr + j, &acc[i], 64);          \
+                }                                                                              \
+                for (; j < pr; j++) {                                                          \
+                    float acc[RB] = {0};                                                       \
+                    for (int k = 0; k < in_f; k++) {                                           \
+                        float av = load1_##SFX(a + (int64_t)k * pr + j);                       \
+                        for (int i = 0; i < RB; i++) acc[i] += load1_##SFX(xr[i] + k) * av;    \
+                    }                                                                          \
+                    for (int i = 0; i < RB; i++) h[i * pr + j] = acc[i];                       \
+                }                                                                              \
+                /* expand, 16 * JW output columns at a time, each part at its offset */        \
+                for (int p = 0; p < parts; p++) {                                              \
+                    int64_t size = sizes[p];                                                   \
+                    const T *b = jb->bt[p] + slot * (int64_t)r * size;                         \
+                    const float *hp = h + p * r;                                               \
+                    int64_t c = 0;                                                             \
+                    for (; c + 16 * JW <= size; c += 16 * JW) {                                \
+                        v16f acc[RB][JW] = {{0}};                                              \
+                        for (int t = 0; t < r; t++) {                                          \
+                            const T *brow = b + (int64_t)t * size + c;                         \
+                            v16f bv[JW];                                                       \
+                            for (int q = 0; q < JW; q++) bv[q] = load16_##SFX(brow + 16 * q);  \
+                            for (int i = 0; i < RB; i++) {                                     \
+                                float hv = hp[i * pr + t];                                     \
+                                for (int q = 0; q < JW; q++) acc[i][q] += hv * bv[q];          \
+                            }                                                                  \
+                        }                                                                      \
+                        for (int i = 0; i < nb; i++) {                                         \
+                            T *o = out + (int64_t)rw[i] * out_stride + offsets[p] + c;         \
+                            float d[16 * JW];                                                  \
+                            memcpy(d, acc[i], sizeof d);                                       \
+                            for (int e = 0; e < 16 * JW; e++) addout_##SFX(o + e, d[e]);       \
+                        }                                                                      \
+                    }                                                                          \
+                    for (; c < size; c++) {                                                    \
+                        float acc[RB] = {0};                                                   \
+                        for (int t = 0; t < r; t++) {                                          \
+                            float bv = load1_##SFX(b + (int64_t)t * size + c);                 \
+                            for (int i = 0; i < RB; i++) acc[i] += hp[i * pr + t] * bv;        \
+                        }                                                                      \
+                        for (int i = 0; i < nb; i++)                                           \
+                            addout_##SFX(out + (int64_t)rw[i] * out_stride + offsets[p] + c,   \
+                                         acc[i]);                                              \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    void NAME(int nseg, const int32_t *seg_slot, const int32_t *seg_start,                     \
+              const int32_t *rows, int in_f, const T *x, int64_t x_stride, const T *at,        \
+              int pr, int r, int parts, const T *const *bt, const int64_t *sizes,              \
+              const int64_t *offsets, T *out, int64_t out_stride, int threads) {               \
+        int nitems = 0;                                                                        \
+        for (int s = 0; s < nseg; s++) nitems += (seg_start[s + 1] - seg_start[s] + RB - 1) / RB; \
+        int32_t items[2 * nitems + 2];                                                         \
+        for (int s = 0, i = 0; s < nseg; s++)                                                  \
+            for (int b0 = seg_start[s]; b0 < seg_start[s + 1]; b0 += RB, i++) {                \
+                items[2 * i] = s;                                                              \
+                items[2 * i + 1] = b0;                                                         \
+            }                                                                                  \
+        struct NAME##_job jb = {seg_slot, seg_start, rows, items, in_f, pr, r, parts, x, at,   \
+                                bt, sizes, offsets, x_stride, out_stride, out};                \
+        parallel(NAME##_items, &jb, nitems, 1, threads);                                       \
     }
 
 DEFINE_SGMV(sgmv_f32, float, f32)
@@ -266,122 +412,13 @@ DEFINE_ATTN(decode_attn_bf16, uint16_t, bf16)
  * 32 bytes at codes + j * k / 2 + 32 b, byte t holding element 64 b + t in its low nibble and
  * 64 b + 32 + t in its high one; scales[j * k / 64 + b]. Products accumulate in fp32 against
  * the exact fp32 weight values (code value times scale); out is rounded once.
- *
- * Rows of W are split over `threads` threads (the caller's plus a small pool kept for the
- * process: workers spin briefly after a job, since the next projection follows within
- * microseconds, then sleep on a condition variable).
+ * Rows of W are split over `threads` threads (the pool above).
  */
-#include <pthread.h>
-#include <stdatomic.h>
-#include <stdlib.h>
-#include <time.h>
-
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint8_t v16b __attribute__((vector_size(16)));
 
 #define NF4_MAXM 4     /* rows decoded together; more rows are done as several passes */
 #define NF4_CHUNK 16   /* output rows per work item */
-#define POOL_MAX 64
-#define SPIN_NS 60000  /* how long an idle worker spins before it sleeps */
-
-typedef void (*task_fn)(void *ctx, int64_t lo, int64_t hi);
-
-static struct {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int workers;            /* started so far */
-    atomic_uint_fast64_t gen;
-    task_fn fn;
-    void *ctx;
-    int64_t total;
-    int helpers;            /* workers taking part in the current job */
-    atomic_int_fast64_t next;
-    atomic_int pending;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
-
-/* One job at a time: callers on several threads queue here. */
-static pthread_mutex_t job_mu = PTHREAD_MUTEX_INITIALIZER;
-
-/* A worker's first generation is read by its creator, before the job that needs it is posted:
- * read by the new thread itself, it could already be that job's, which it would then miss. */
-static uint64_t start_gen[POOL_MAX];
-
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static void run_chunks(void) {
-    for (;;) {
-        int64_t lo = atomic_fetch_add(&pool.next, NF4_CHUNK);
-        if (lo >= pool.total) return;
-        int64_t hi = lo + NF4_CHUNK < pool.total ? lo + NF4_CHUNK : pool.total;
-        pool.fn(pool.ctx, lo, hi);
-    }
-}
-
-static void *worker(void *arg) {
-    int id = (int)(intptr_t)arg;
-    uint64_t seen = start_gen[id];
-    for (;;) {
-        int64_t until = now_ns() + SPIN_NS;
-        while (atomic_load_explicit(&pool.gen, memory_order_acquire) == seen) {
-            cpu_relax();
-            if (now_ns() > until) {
-                pthread_mutex_lock(&pool.mu);
-                while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
-                pthread_mutex_unlock(&pool.mu);
-            }
-        }
-        seen = atomic_load(&pool.gen);
-        if (id < pool.helpers) {
-            run_chunks();
-            atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
-        }
-    }
-    return NULL;
-}
-
-/* Run fn over [0, total) in NF4_CHUNK pieces on `threads` threads (the caller's included). */
-static void parallel(task_fn fn, void *ctx, int64_t total, int threads) {
-    int helpers = threads - 1;
-    if (helpers > POOL_MAX) helpers = POOL_MAX;
-    if (helpers > (total + NF4_CHUNK - 1) / NF4_CHUNK - 1)
-        helpers = (int)((total + NF4_CHUNK - 1) / NF4_CHUNK - 1);
-    if (helpers <= 0) {
-        fn(ctx, 0, total);
-        return;
-    }
-    pthread_mutex_lock(&job_mu);
-    while (pool.workers < helpers) {
-        pthread_t t;
-        start_gen[pool.workers] = atomic_load(&pool.gen);
-        if (pthread_create(&t, NULL, worker, (void *)(intptr_t)pool.workers) != 0) break;
-        pthread_detach(t);
-        pool.workers++;
-    }
-    if (helpers > pool.workers) helpers = pool.workers;
-    pool.fn = fn;
-    pool.ctx = ctx;
-    pool.total = total;
-    pool.helpers = helpers;
-    atomic_store(&pool.next, 0);
-    atomic_store(&pool.pending, helpers);
-    pthread_mutex_lock(&pool.mu);
-    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
-    pthread_cond_broadcast(&pool.cv);
-    pthread_mutex_unlock(&pool.mu);
-    run_chunks();
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
-    pthread_mutex_unlock(&job_mu);
-}
 
 struct nf4_job {
     int m, k;
@@ -457,7 +494,7 @@ static void nf4_task(void *ctx, int64_t lo, int64_t hi) {
                 for (int e = 0; e < k; e++)                                                    \
                     xf[(int64_t)i * k + e] = load1_##SFX(x + (int64_t)(r0 + i) * x_stride + e);\
             struct nf4_job jb = {mm, k, xf, codes, scales, table, yf, n};                      \
-            parallel(nf4_task, &jb, n, threads);                                               \
+            parallel(nf4_task, &jb, n, NF4_CHUNK, threads);                                    \
             for (int i = 0; i < mm; i++) {                                                     \
                 T *o = out + (int64_t)(r0 + i) * out_stride;                                   \
                 for (int64_t j = 0; j < n; j++)                                                \

@@ -275,7 +275,7 @@ def library() -> ctypes.CDLL | None:
         return None
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     signatures = {
-        "sgmv": [i32, p, p, p, i32, p, i64, p, i32, i32, i32, p, p, p, p, i64],
+        "sgmv": [i32, p, p, p, i32, p, i64, p, i32, i32, i32, p, p, p, p, i64, i32],
         "decode_attn": [i32, i32, i32, i32, p, i64, p, p, i64, i64, p, p, p, f32, f32, p, i64,
                         p],
         "nf4_linear": [i32, i32, i64, p, i64, p, p, p, p, p, i64, i32],
