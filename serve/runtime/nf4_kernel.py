@@ -24,7 +24,6 @@ it by row count is `serve.runtime.weights.Projection`.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -32,8 +31,6 @@ if TYPE_CHECKING:
     import torch
 
     from serve.runtime.weights import Projection
-
-log = logging.getLogger("loradock.serve")
 
 BLOCK = 64  # bitsandbytes' 4-bit block size, which the kernel's layout assumes
 MAX_ROWS = 4  # the kernel decodes up to this many rows per pass over the codes

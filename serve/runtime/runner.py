@@ -19,6 +19,7 @@ which sequences run and when is `serve.runtime.scheduler`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
     from serve.runtime.base import LoadedBase
     from serve.runtime.threads_choice import ThreadPlan
+
+log = logging.getLogger("loradock.serve")
 
 # (KV row, prompt token ids of this chunk, start position, LoRA slot or -1)
 PrefillChunk = tuple[int, list[int], int, int]
@@ -106,7 +109,7 @@ class ModelRunner:
                       self.lm_head]:
                 p.pack()  # False (kept on F.linear) where this torch build has no oneDNN
         # Small passes of an nf4-dense base by its 4-bit codes (serve.runtime.nf4_kernel).
-        self.nf4_rows, self.nf4_reason = self._choose_nf4_rows(nf4_kernel_rows)
+        self.nf4_reason = self._choose_nf4_rows(nf4_kernel_rows)
         softcap_attr = self.spec.final_softcap_attr
         self.final_softcap = getattr(model.config, softcap_attr, None) if softcap_attr else None
         self.cache = KVCache(
@@ -163,8 +166,8 @@ class ModelRunner:
             sin_p = torch.cat([sin_p, torch.zeros(sin_p.shape[0], pad)], dim=1)
         return cos_p.to(self.dtype).contiguous(), sin_p.to(self.dtype).contiguous()
 
-    def _choose_nf4_rows(self, forced: int) -> tuple[int, str]:
-        """Rows up to which passes use the 4-bit-code kernel, and why (see `nf4_kernel`).
+    def _choose_nf4_rows(self, forced: int) -> str:
+        """Set the rows up to which passes use the 4-bit-code kernel; say why ("": not used).
 
         Args:
             forced: That many rows (0: never), or -1: time the kernel against the dense
@@ -174,7 +177,7 @@ class ModelRunner:
         if not projections or any(p.small is None for p in projections):
             for p in projections:
                 p.small = None
-            return 0, ""
+            return ""
         from serve.runtime.nf4_kernel import choose_rows
 
         if forced >= 0:
@@ -188,10 +191,8 @@ class ModelRunner:
             p.small_rows = rows
             if rows == 0:
                 p.small = None  # not used here: do not hold the codes
-        import logging
-
-        logging.getLogger("loradock.serve").info("%s", reason)
-        return rows, reason
+        log.info("%s", reason)
+        return reason
 
     # -- LoRA plans -------------------------------------------------------------------------
 

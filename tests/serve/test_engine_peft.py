@@ -13,6 +13,7 @@ import pytest
 
 from hub.errors import Conflict, EngineUnavailable, InvalidInput, Overloaded, Unsupported
 from serve.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, create_engine
+from serve.runtime import native
 
 MAX_TOKENS = 16
 _ids = itertools.count()
@@ -413,7 +414,8 @@ def test_auto_on_cpu_serves_the_4bit_values_qlora_adapters_trained_on(base_info,
     run(engine.start())
     try:
         assert "weights=nf4-dense compute=fp32" in engine.health().detail
-        assert "4-bit-code kernel up to 4 rows" in engine.health().detail
+        if native.library() is not None:  # without a C compiler the dense path serves alone
+            assert "4-bit-code kernel up to 4 rows" in engine.health().detail
 
         async def go():
             return [(await collect(engine, request(p, rec)))[0]
