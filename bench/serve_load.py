@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--max-running", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="the server's torch threads "
                         "(0: its default, all cores)")
+    parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to the server (e.g. host_adapters=32); repeatable")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -180,7 +182,8 @@ def main() -> None:
         del model
         server = start_server(home, engine="peft", args=[
             "--max-adapters", str(args.max_adapters), "--max-running", str(args.max_running),
-            "--max-queue", "256", "--max-model-len", "512", "--threads", str(args.threads)])
+            "--max-queue", "256", "--max-model-len", "512", "--threads", str(args.threads),
+            *(arg for pair in args.engine_option for arg in ("--engine-option", pair))])
         try:
             stats = asyncio.run(run(args, server.url, home, sources, names))
             engine = engine_counters(server.url)

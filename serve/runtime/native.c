@@ -14,6 +14,11 @@
  * adapter's row blocks, on every thread); each output row belongs to one block.
  * bf16 inputs are widened to fp32, products accumulate in fp32, and out is rounded once
  * (round to nearest even), as torch's bf16 matmuls do.
+ *
+ * Also here, each described where it is defined: decode attention, a linear layer from NF4
+ * codes for a few rows, and the element-wise work between matmuls (RMSNorm fused with the
+ * residual add before it, silu(gate) * up, RoPE). All of them split their work over the one
+ * thread pool below.
  */
 #include <math.h>
 #include <stdint.h>
@@ -63,10 +68,16 @@ static inline void addout_bf16(uint16_t *o, float d) { *o = f2bf(bf2f(*o) + d); 
 static inline void store1_f32(float *o, float d) { *o = d; }
 static inline void store1_bf16(uint16_t *o, float d) { *o = f2bf(d); }
 
-/* The kernels' thread pool: a job's work items [0, total) are split over `threads` threads,
- * the caller's plus workers kept for the process. Workers spin briefly after a job, since the
- * next projection follows within microseconds, then sleep on a condition variable. One job
- * at a time (callers on several threads queue).
+/* The kernels' thread pool: a job's work items [0, total) are cut into chunks, and every thread
+ * taking part (the caller and up to threads - 1 workers kept for the process) claims chunks
+ * until none are left. The caller then waits only for chunks that were claimed and are not
+ * done: a worker that has not woken up yet (its core busy with other work, as on two cores
+ * shared with the HTTP loop and the adapter loader) claims nothing and delays nothing; the
+ * caller does its share. Claims are one compare-and-swap on a word holding the job's
+ * generation and the next chunk, closed when the job ends, so a late worker can never claim a
+ * chunk of a finished job.
+ * Workers spin briefly after a job, since the next kernel often follows within microseconds,
+ * then sleep on a condition variable. One job at a time (callers on several threads queue).
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -82,13 +93,12 @@ static struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int workers;            /* started so far */
-    atomic_uint_fast64_t gen;
+    atomic_uint_fast64_t word;  /* generation << 32 | next chunk to claim */
     task_fn fn;
     void *ctx;
-    int64_t total, chunk;
-    int helpers;            /* workers taking part in the current job */
-    atomic_int_fast64_t next;
-    atomic_int pending;
+    int64_t total, chunk, chunks;
+    int helpers;            /* workers that may take part in the current job */
+    atomic_int_fast64_t done;   /* chunks finished in the current job */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 /* One job at a time: callers on several threads queue here. */
@@ -96,7 +106,7 @@ static pthread_mutex_t job_mu = PTHREAD_MUTEX_INITIALIZER;
 
 /* A worker's first generation is read by its creator, before the job that needs it is posted:
  * read by the new thread itself, it could already be that job's, which it would then miss. */
-static uint64_t start_gen[POOL_MAX];
+static uint32_t start_gen[POOL_MAX];
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -110,50 +120,57 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static void run_chunks(void) {
+/* Claim and run chunks of generation `gen` until none are left or the job is another one. */
+static void run_chunks(uint32_t gen) {
     for (;;) {
-        int64_t lo = atomic_fetch_add(&pool.next, pool.chunk);
-        if (lo >= pool.total) return;
+        uint_fast64_t w = atomic_load_explicit(&pool.word, memory_order_acquire);
+        if ((uint32_t)(w >> 32) != gen || (int64_t)(uint32_t)w >= pool.chunks) return;
+        if (!atomic_compare_exchange_weak_explicit(&pool.word, &w, w + 1, memory_order_acq_rel,
+                                                   memory_order_relaxed))
+            continue;
+        /* The claimed chunk keeps this job current until it is counted done. */
+        int64_t lo = (int64_t)(uint32_t)w * pool.chunk;
         int64_t hi = lo + pool.chunk < pool.total ? lo + pool.chunk : pool.total;
         pool.fn(pool.ctx, lo, hi);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
     }
 }
 
 static void *worker(void *arg) {
     int id = (int)(intptr_t)arg;
-    uint64_t seen = start_gen[id];
+    uint32_t seen = start_gen[id];
     for (;;) {
         int64_t until = now_ns() + SPIN_NS;
-        while (atomic_load_explicit(&pool.gen, memory_order_acquire) == seen) {
+        while ((uint32_t)(atomic_load_explicit(&pool.word, memory_order_acquire) >> 32) == seen) {
             cpu_relax();
             if (now_ns() > until) {
                 pthread_mutex_lock(&pool.mu);
-                while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+                while ((uint32_t)(atomic_load(&pool.word) >> 32) == seen)
+                    pthread_cond_wait(&pool.cv, &pool.mu);
                 pthread_mutex_unlock(&pool.mu);
             }
         }
-        seen = atomic_load(&pool.gen);
-        if (id < pool.helpers) {
-            run_chunks();
-            atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
-        }
+        seen = (uint32_t)(atomic_load_explicit(&pool.word, memory_order_acquire) >> 32);
+        if (id < pool.helpers) run_chunks(seen);
     }
     return NULL;
 }
 
 /* Run fn over [0, total) in pieces of `chunk` on `threads` threads (the caller's included). */
 static void parallel(task_fn fn, void *ctx, int64_t total, int64_t chunk, int threads) {
+    int64_t chunks = (total + chunk - 1) / chunk;
     int helpers = threads - 1;
     if (helpers > POOL_MAX) helpers = POOL_MAX;
-    if (helpers > (total + chunk - 1) / chunk - 1) helpers = (int)((total + chunk - 1) / chunk - 1);
-    if (helpers <= 0) {
+    if (helpers > chunks - 1) helpers = (int)(chunks - 1);
+    if (helpers <= 0 || chunks >= UINT32_MAX) {
         fn(ctx, 0, total);
         return;
     }
     pthread_mutex_lock(&job_mu);
+    uint32_t gen = (uint32_t)(atomic_load(&pool.word) >> 32) + 1;
     while (pool.workers < helpers) {
         pthread_t t;
-        start_gen[pool.workers] = atomic_load(&pool.gen);
+        start_gen[pool.workers] = gen - 1;
         if (pthread_create(&t, NULL, worker, (void *)(intptr_t)pool.workers) != 0) break;
         pthread_detach(t);
         pool.workers++;
@@ -163,15 +180,18 @@ static void parallel(task_fn fn, void *ctx, int64_t total, int64_t chunk, int th
     pool.ctx = ctx;
     pool.total = total;
     pool.chunk = chunk;
+    pool.chunks = chunks;
     pool.helpers = helpers;
-    atomic_store(&pool.next, 0);
-    atomic_store(&pool.pending, helpers);
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
     pthread_mutex_lock(&pool.mu);
-    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    atomic_store_explicit(&pool.word, (uint_fast64_t)gen << 32, memory_order_release);
     pthread_cond_broadcast(&pool.cv);
     pthread_mutex_unlock(&pool.mu);
-    run_chunks();
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
+    run_chunks(gen);
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < chunks) cpu_relax();
+    /* Closed before the next job's fields are written: a worker that read this word earlier
+     * and the next job's chunk count later then fails its claim instead of taking a chunk. */
+    atomic_store_explicit(&pool.word, (uint_fast64_t)gen << 32 | UINT32_MAX, memory_order_release);
     pthread_mutex_unlock(&job_mu);
 }
 
@@ -293,7 +313,7 @@ DEFINE_SGMV(sgmv_bf16, uint16_t, bf16)
  *   s_j = scale * q . k_j  (then softcap * tanh(s_j / softcap) where softcap > 0),
  *   out = sum_j softmax(s)_j v_j,
  * in fp32, written to out[i] ([heads * d], rounded once for bf16). Keys of one kv head are read
- * once for all its query heads. `scores` is caller-provided scratch of groups * max(hi) floats.
+ * once for all its query heads. Each (query, kv head) pair is one work item of the thread pool.
  */
 
 static inline float fast_exp(float x) {
@@ -321,81 +341,104 @@ static inline float hsum16(v16f v) {
 }
 
 #define MAXC 16 /* head_dim up to 256 in 16-lane chunks; wider heads take the scalar path */
+#define ATTN_STACK 4096 /* scores kept on the stack up to this many floats, else on the heap */
 
 #define DEFINE_ATTN(NAME, T, SFX)                                                              \
+    struct NAME##_job {                                                                        \
+        int kv_heads, groups, d;                                                               \
+        const T *q, *k, *v;                                                                    \
+        int64_t q_stride, row_stride, head_stride, out_stride;                                 \
+        const int32_t *kv_rows, *lo, *hi;                                                      \
+        float scale, softcap;                                                                  \
+        T *out;                                                                                \
+    };                                                                                         \
+    /* work items lo .. hi - 1: item t is query t / kv_heads, kv head t % kv_heads */          \
+    static void NAME##_items(void *ctx, int64_t first, int64_t last) {                         \
+        const struct NAME##_job *jb = ctx;                                                     \
+        const int groups = jb->groups, d = jb->d;                                              \
+        float qf[groups * d];                                                                  \
+        float acc[groups * d];                                                                 \
+        float stack_scores[ATTN_STACK];                                                        \
+        int chunks = (d % 16 == 0 && d / 16 <= MAXC) ? d / 16 : 0;                            \
+        for (int64_t t = first; t < last; t++) {                                              \
+            int64_t i = t / jb->kv_heads;                                                      \
+            int h = (int)(t % jb->kv_heads);                                                   \
+            int a = jb->lo[i], b = jb->hi[i];                                                  \
+            int64_t kr = jb->kv_rows ? jb->kv_rows[i] : i;                                     \
+            float *scores = stack_scores;                                                      \
+            if ((int64_t)groups * b > ATTN_STACK) {                                            \
+                scores = malloc(sizeof(float) * (size_t)groups * (size_t)b);                   \
+                if (!scores) continue; /* out of memory: this head's output is left as is */   \
+            }                                                                                  \
+            const T *qi = jb->q + i * jb->q_stride + (int64_t)h * groups * d;                  \
+            for (int e = 0; e < groups * d; e++) qf[e] = load1_##SFX(qi + e) * jb->scale;      \
+            const T *kh = jb->k + kr * jb->row_stride + (int64_t)h * jb->head_stride;          \
+            const T *vh = jb->v + kr * jb->row_stride + (int64_t)h * jb->head_stride;          \
+            float mx[groups];                                                                  \
+            for (int g = 0; g < groups; g++) mx[g] = -INFINITY;                                \
+            for (int j = a; j < b; j++) {                                                      \
+                const T *kj = kh + (int64_t)j * d;                                             \
+                v16f kv[MAXC];                                                                 \
+                for (int c = 0; c < chunks; c++) kv[c] = load16_##SFX(kj + 16 * c);            \
+                for (int g = 0; g < groups; g++) {                                             \
+                    const float *qg = qf + g * d;                                              \
+                    float s;                                                                   \
+                    if (chunks) {                                                              \
+                        v16f dot = {0};                                                        \
+                        for (int c = 0; c < chunks; c++) dot += load16_f32(qg + 16 * c) * kv[c]; \
+                        s = hsum16(dot);                                                       \
+                    } else {                                                                   \
+                        s = 0.0f;                                                              \
+                        for (int e = 0; e < d; e++) s += qg[e] * load1_##SFX(kj + e);          \
+                    }                                                                          \
+                    if (jb->softcap > 0.0f) s = jb->softcap * tanhf(s / jb->softcap);          \
+                    scores[g * b + j] = s;                                                     \
+                    if (s > mx[g]) mx[g] = s;                                                  \
+                }                                                                              \
+            }                                                                                  \
+            memset(acc, 0, sizeof(float) * groups * d);                                        \
+            for (int g = 0; g < groups; g++) {                                                 \
+                float *sg = scores + g * b, sum = 0.0f;                                        \
+                for (int j = a; j < b; j++) {                                                  \
+                    sg[j] = fast_exp(sg[j] - mx[g]);                                           \
+                    sum += sg[j];                                                              \
+                }                                                                              \
+                float inv = 1.0f / sum;                                                        \
+                for (int j = a; j < b; j++) sg[j] *= inv;                                      \
+            }                                                                                  \
+            for (int j = a; j < b; j++) {                                                      \
+                const T *vj = vh + (int64_t)j * d;                                             \
+                if (chunks) {                                                                  \
+                    v16f vv[MAXC];                                                             \
+                    for (int c = 0; c < chunks; c++) vv[c] = load16_##SFX(vj + 16 * c);        \
+                    for (int g = 0; g < groups; g++) {                                         \
+                        float p = scores[g * b + j];                                           \
+                        float *ag = acc + g * d;                                               \
+                        for (int c = 0; c < chunks; c++) {                                     \
+                            v16f u = load16_f32(ag + 16 * c) + p * vv[c];                      \
+                            memcpy(ag + 16 * c, &u, 64);                                       \
+                        }                                                                      \
+                    }                                                                          \
+                } else {                                                                       \
+                    for (int g = 0; g < groups; g++) {                                         \
+                        float p = scores[g * b + j];                                           \
+                        float *ag = acc + g * d;                                               \
+                        for (int e = 0; e < d; e++) ag[e] += p * load1_##SFX(vj + e);          \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+            T *oi = jb->out + i * jb->out_stride + (int64_t)h * groups * d;                    \
+            for (int e = 0; e < groups * d; e++) store1_##SFX(oi + e, acc[e]);                 \
+            if (scores != stack_scores) free(scores);                                          \
+        }                                                                                      \
+    }                                                                                          \
     void NAME(int n, int kv_heads, int groups, int d, const T *q, int64_t q_stride,           \
               const T *k, const T *v, int64_t row_stride, int64_t head_stride,                \
               const int32_t *kv_rows, const int32_t *lo, const int32_t *hi, float scale,      \
-              float softcap, T *out, int64_t out_stride, float *scores) {                     \
-        float qf[groups * d];                                                                 \
-        float acc[groups * d];                                                                \
-        int chunks = (d % 16 == 0 && d / 16 <= MAXC) ? d / 16 : 0;                            \
-        for (int i = 0; i < n; i++) {                                                         \
-            int a = lo[i], b = hi[i];                                                         \
-            int64_t kr = kv_rows ? kv_rows[i] : i;                                            \
-            for (int h = 0; h < kv_heads; h++) {                                              \
-                const T *qi = q + (int64_t)i * q_stride + (int64_t)h * groups * d;            \
-                for (int e = 0; e < groups * d; e++) qf[e] = load1_##SFX(qi + e) * scale;     \
-                const T *kh = k + kr * row_stride + (int64_t)h * head_stride;                 \
-                const T *vh = v + kr * row_stride + (int64_t)h * head_stride;                 \
-                float mx[groups];                                                             \
-                for (int g = 0; g < groups; g++) mx[g] = -INFINITY;                           \
-                for (int j = a; j < b; j++) {                                                 \
-                    const T *kj = kh + (int64_t)j * d;                                        \
-                    v16f kv[MAXC];                                                            \
-                    for (int c = 0; c < chunks; c++) kv[c] = load16_##SFX(kj + 16 * c);       \
-                    for (int g = 0; g < groups; g++) {                                        \
-                        const float *qg = qf + g * d;                                         \
-                        float s;                                                              \
-                        if (chunks) {                                                         \
-                            v16f dot = {0};                                                   \
-                            for (int c = 0; c < chunks; c++)                                  \
-                                dot += load16_f32(qg + 16 * c) * kv[c];                       \
-                            s = hsum16(dot);                                                  \
-                        } else {                                                              \
-                            s = 0.0f;                                                         \
-                            for (int e = 0; e < d; e++) s += qg[e] * load1_##SFX(kj + e);     \
-                        }                                                                     \
-                        if (softcap > 0.0f) s = softcap * tanhf(s / softcap);                 \
-                        scores[g * b + j] = s;                                                \
-                        if (s > mx[g]) mx[g] = s;                                             \
-                    }                                                                         \
-                }                                                                             \
-                memset(acc, 0, sizeof(float) * groups * d);                                   \
-                for (int g = 0; g < groups; g++) {                                            \
-                    float *sg = scores + g * b, sum = 0.0f;                                   \
-                    for (int j = a; j < b; j++) {                                             \
-                        sg[j] = fast_exp(sg[j] - mx[g]);                                      \
-                        sum += sg[j];                                                         \
-                    }                                                                         \
-                    float inv = 1.0f / sum;                                                   \
-                    for (int j = a; j < b; j++) sg[j] *= inv;                                 \
-                }                                                                             \
-                for (int j = a; j < b; j++) {                                                 \
-                    const T *vj = vh + (int64_t)j * d;                                        \
-                    if (chunks) {                                                             \
-                        v16f vv[MAXC];                                                        \
-                        for (int c = 0; c < chunks; c++) vv[c] = load16_##SFX(vj + 16 * c);   \
-                        for (int g = 0; g < groups; g++) {                                    \
-                            float p = scores[g * b + j];                                      \
-                            float *ag = acc + g * d;                                          \
-                            for (int c = 0; c < chunks; c++) {                                \
-                                v16f t = load16_f32(ag + 16 * c) + p * vv[c];                 \
-                                memcpy(ag + 16 * c, &t, 64);                                  \
-                            }                                                                 \
-                        }                                                                     \
-                    } else {                                                                  \
-                        for (int g = 0; g < groups; g++) {                                    \
-                            float p = scores[g * b + j];                                      \
-                            float *ag = acc + g * d;                                          \
-                            for (int e = 0; e < d; e++) ag[e] += p * load1_##SFX(vj + e);     \
-                        }                                                                     \
-                    }                                                                         \
-                }                                                                             \
-                T *oi = out + (int64_t)i * out_stride + (int64_t)h * groups * d;              \
-                for (int e = 0; e < groups * d; e++) store1_##SFX(oi + e, acc[e]);            \
-            }                                                                                 \
-        }                                                                                     \
+              float softcap, T *out, int64_t out_stride, int threads) {                       \
+        struct NAME##_job jb = {kv_heads, groups, d, q, k, v, q_stride, row_stride,            \
+                                head_stride, out_stride, kv_rows, lo, hi, scale, softcap, out}; \
+        parallel(NAME##_items, &jb, (int64_t)n * kv_heads, 1, threads);                        \
     }
 
 DEFINE_ATTN(decode_attn_f32, float, f32)
@@ -508,3 +551,153 @@ static void nf4_task(void *ctx, int64_t lo, int64_t hi) {
 
 DEFINE_NF4_LINEAR(nf4_linear_f32, float, f32)
 DEFINE_NF4_LINEAR(nf4_linear_bf16, uint16_t, bf16)
+
+/* rms_norm_<dtype>: y[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w, and, with a residual r,
+ * first x[i] += r[i] in place (rounded to the dtype, as torch's in-place add), so that the
+ * residual add before a norm and the norm are one pass: vLLM's fused_add_rms_norm.
+ * Sums of squares and products are fp32; y is rounded once. Rows are split over `threads`
+ * threads (the pool above), RB rows per work item.
+ */
+static inline void store16_f32(float *p, v16f v) { memcpy(p, &v, 64); }
+
+static inline void store16_bf16(uint16_t *p, v16f f) {
+    v16u u;
+    memcpy(&u, &f, 64);
+    v16u nan = (v16u)((u & 0x7fffffffu) > 0x7f800000u);
+    v16u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    v16u r = (nan & ((u >> 16) | 0x40u)) | (~nan & rounded); /* as f2bf: quiet NaNs kept */
+    v16h h = __builtin_convertvector(r, v16h);
+    memcpy(p, &h, 32);
+}
+
+#define DEFINE_NORM(NAME, T, SFX)                                                              \
+    struct NAME##_job {                                                                        \
+        int d;                                                                                 \
+        T *x;                                                                                  \
+        const T *res, *w;                                                                      \
+        T *y;                                                                                  \
+        int64_t x_stride, res_stride, y_stride;                                                \
+        float eps;                                                                             \
+    };                                                                                         \
+    static void NAME##_rows(void *ctx, int64_t lo, int64_t hi) {                               \
+        const struct NAME##_job *jb = ctx;                                                     \
+        const int d = jb->d;                                                                   \
+        float buf[d];                                                                          \
+        for (int64_t i = lo; i < hi; i++) {                                                    \
+            T *x = jb->x + i * jb->x_stride;                                                   \
+            const T *r = jb->res ? jb->res + i * jb->res_stride : NULL;                        \
+            v16f sq = {0};                                                                     \
+            float tail = 0.0f;                                                                 \
+            int e = 0;                                                                         \
+            for (; e + 16 <= d; e += 16) {                                                     \
+                v16f v = load16_##SFX(x + e);                                                  \
+                if (r) {                                                                       \
+                    store16_##SFX(x + e, v + load16_##SFX(r + e));                             \
+                    v = load16_##SFX(x + e); /* the rounded sum, as the residual keeps it */   \
+                }                                                                              \
+                store16_f32(buf + e, v);                                                       \
+                sq += v * v;                                                                   \
+            }                                                                                  \
+            for (; e < d; e++) {                                                               \
+                if (r) store1_##SFX(x + e, load1_##SFX(x + e) + load1_##SFX(r + e));           \
+                buf[e] = load1_##SFX(x + e);                                                   \
+                tail += buf[e] * buf[e];                                                       \
+            }                                                                                  \
+            float inv = 1.0f / sqrtf((hsum16(sq) + tail) / (float)d + jb->eps);                \
+            T *y = jb->y + i * jb->y_stride;                                                   \
+            for (e = 0; e + 16 <= d; e += 16)                                                  \
+                store16_##SFX(y + e, load16_f32(buf + e) * inv * load16_##SFX(jb->w + e));     \
+            for (; e < d; e++) store1_##SFX(y + e, buf[e] * inv * load1_##SFX(jb->w + e));     \
+        }                                                                                      \
+    }                                                                                          \
+    void NAME(int64_t n, int d, T *x, int64_t x_stride, const T *res, int64_t res_stride,     \
+              const T *w, T *y, int64_t y_stride, float eps, int threads) {                   \
+        struct NAME##_job jb = {d, x, res, w, y, x_stride, res_stride, y_stride, eps};         \
+        parallel(NAME##_rows, &jb, n, RB, threads);                                            \
+    }
+
+DEFINE_NORM(rms_norm_f32, float, f32)
+DEFINE_NORM(rms_norm_bf16, uint16_t, bf16)
+
+/* silu_mul_<dtype>: out[i, j] = silu(gu[i, j]) * gu[i, inter + j], the gated MLP's activation
+ * over a fused gate|up projection, in fp32, rounded once (torch rounds silu's output, then the
+ * product). Rows are split over `threads` threads.
+ */
+#define DEFINE_SILU_MUL(NAME, T, SFX)                                                          \
+    struct NAME##_job {                                                                        \
+        int inter;                                                                             \
+        const T *gu;                                                                           \
+        T *out;                                                                                \
+        int64_t gu_stride, out_stride;                                                         \
+    };                                                                                         \
+    static void NAME##_rows(void *ctx, int64_t lo, int64_t hi) {                               \
+        const struct NAME##_job *jb = ctx;                                                     \
+        const int inter = jb->inter;                                                           \
+        for (int64_t i = lo; i < hi; i++) {                                                    \
+            const T *g = jb->gu + i * jb->gu_stride, *u = g + inter;                           \
+            T *o = jb->out + i * jb->out_stride;                                               \
+            int j = 0;                                                                         \
+            for (; j + 16 <= inter; j += 16) {                                                 \
+                v16f gv = load16_##SFX(g + j), e;                                              \
+                for (int t = 0; t < 16; t++) e[t] = fast_exp(-gv[t]);                          \
+                store16_##SFX(o + j, gv / (1.0f + e) * load16_##SFX(u + j));                   \
+            }                                                                                  \
+            for (; j < inter; j++) {                                                           \
+                float gv = load1_##SFX(g + j);                                                 \
+                store1_##SFX(o + j, gv / (1.0f + fast_exp(-gv)) * load1_##SFX(u + j));        \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    void NAME(int64_t n, int inter, const T *gu, int64_t gu_stride, T *out, int64_t out_stride, \
+              int threads) {                                                                   \
+        struct NAME##_job jb = {inter, gu, out, gu_stride, out_stride};                        \
+        parallel(NAME##_rows, &jb, n, RB, threads);                                            \
+    }
+
+DEFINE_SILU_MUL(silu_mul_f32, float, f32)
+DEFINE_SILU_MUL(silu_mul_bf16, uint16_t, bf16)
+
+/* rope_<dtype>: rotary embedding in place on the q|k heads of each token, pair-adjacent layout
+ * (serve/runtime/runner.py): x[2p] <- x[2p] c[2p] + x[2p+1] s[2p], x[2p+1] <- x[2p+1] c[2p+1]
+ * + x[2p] s[2p+1], with c, s the rows of the (signed) cos/sin tables ([positions, d]) at the
+ * token's position; fp32, rounded once. Tokens are split over `threads` threads.
+ */
+#define DEFINE_ROPE(NAME, T, SFX)                                                              \
+    struct NAME##_job {                                                                        \
+        int heads, d;                                                                          \
+        T *x;                                                                                  \
+        int64_t x_stride;                                                                      \
+        const int64_t *pos;                                                                    \
+        const T *cos, *sin;                                                                    \
+    };                                                                                         \
+    static void NAME##_rows(void *ctx, int64_t lo, int64_t hi) {                               \
+        const struct NAME##_job *jb = ctx;                                                     \
+        const int d = jb->d;                                                                   \
+        for (int64_t i = lo; i < hi; i++) {                                                    \
+            const T *c = jb->cos + jb->pos[i] * d, *s = jb->sin + jb->pos[i] * d;              \
+            for (int h = 0; h < jb->heads; h++) {                                              \
+                T *x = jb->x + i * jb->x_stride + (int64_t)h * d;                              \
+                int e = 0;                                                                     \
+                for (; e + 16 <= d; e += 16) {                                                 \
+                    v16f v = load16_##SFX(x + e);                                              \
+                    v16f w = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11,   \
+                                                     10, 13, 12, 15, 14);                      \
+                    store16_##SFX(x + e, v * load16_##SFX(c + e) + w * load16_##SFX(s + e));   \
+                }                                                                              \
+                for (; e + 1 < d; e += 2) {                                                    \
+                    float a = load1_##SFX(x + e), b = load1_##SFX(x + e + 1);                  \
+                    store1_##SFX(x + e, a * load1_##SFX(c + e) + b * load1_##SFX(s + e));      \
+                    store1_##SFX(x + e + 1,                                                    \
+                                 b * load1_##SFX(c + e + 1) + a * load1_##SFX(s + e + 1));     \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    void NAME(int64_t n, int heads, int d, T *x, int64_t x_stride, const int64_t *pos,         \
+              const T *cos, const T *sin, int threads) {                                       \
+        struct NAME##_job jb = {heads, d, x, x_stride, pos, cos, sin};                         \
+        parallel(NAME##_rows, &jb, n, RB, threads);                                            \
+    }
+
+DEFINE_ROPE(rope_f32, float, f32)
+DEFINE_ROPE(rope_bf16, uint16_t, bf16)

@@ -4,10 +4,13 @@ Some of the engine's work is many tiny ops in torch: the multi-LoRA delta of a m
 a gather, a ``bmm``, a pad mask, a ``bmm`` per part and a scatter per projection, and a bf16
 matmul of that size costs 35-65 us in oneDNN's set-up alone on a 2-core AVX512-BF16 machine.
 `native.c` does one projection's delta for a whole pool in one call (Punica's SGMV as one loop
-nest). It is compiled once per machine with the system C compiler (``$CC``, else ``cc`` or
-``gcc``; ``-O3 -march=native``) into ``cache_root()/native``, keyed by the source, the compiler,
-its flags and the CPU flags, so a cache copied to another CPU is never loaded there, and loaded
-with ctypes (which releases the GIL during the call).
+nest). The element-wise work between matmuls is the same story in bf16: torch's RMSNorm is a
+dozen ops around fp32 casts (30 ms of a 64-row decode step of SmolLM2 on a 2-core AMD EPYC),
+so the residual add with the norm after it, RoPE and ``silu(gate) * up`` are one call each.
+`native.c` is compiled once per machine with the system C compiler (``$CC``, else ``cc`` or
+``gcc``; ``-O3 -march=native``) into ``cache_root()/native``, keyed by the source, the
+compiler, its flags and the CPU flags, so a cache copied to another CPU is never loaded there,
+and loaded with ctypes (which releases the GIL during the call).
 
 Where there is no working compiler (the Docker ``cpu`` image has none), prebuilt portable
 builds stand in: `prebuild` (``python -m serve.runtime.native --prebuild DIR``, stdlib and
@@ -277,7 +280,10 @@ def library() -> ctypes.CDLL | None:
     signatures = {
         "sgmv": [i32, p, p, p, i32, p, i64, p, i32, i32, i32, p, p, p, p, i64, i32],
         "decode_attn": [i32, i32, i32, i32, p, i64, p, p, i64, i64, p, p, p, f32, f32, p, i64,
-                        p],
+                        i32],
+        "rms_norm": [i64, i32, p, i64, p, i64, p, p, i64, f32, i32],
+        "silu_mul": [i64, i32, p, i64, p, i64, i32],
+        "rope": [i64, i32, i32, p, i64, p, p, p, i32],
         "nf4_linear": [i32, i32, i64, p, i64, p, p, p, p, p, i64, i32],
     }
     for find in (build, prebuilt):
@@ -324,23 +330,33 @@ def nf4_linear(dtype):
     return getattr(lib, f"nf4_linear_{suffix}")
 
 
-class DecodeAttention:
-    """The decode-attention kernel for one dtype (see ``decode_attn`` in `native.c`)."""
+class _Kernel:
+    """One kernel of `native.c` for one dtype: ``{stem}_f32`` or ``{stem}_bf16``."""
+
+    stem = ""
 
     def __init__(self, fn) -> None:
         self.fn = fn
 
     @classmethod
-    def load(cls, dtype) -> DecodeAttention | None:
+    def load(cls, dtype):
         """For ``float32`` or ``bfloat16`` tensors; None where the kernels are not available."""
         lib, suffix = library(), _suffix(dtype)
         if lib is None or suffix is None:
             return None
-        return cls(getattr(lib, f"decode_attn_{suffix}"))
+        return cls(getattr(lib, f"{cls.stem}_{suffix}"))
+
+
+class DecodeAttention(_Kernel):
+    """The decode-attention kernel for one dtype (see ``decode_attn`` in `native.c`)."""
+
+    stem = "decode_attn"
 
     def __call__(self, q, keys, values, lo, hi, scale: float, softcap: float | None, out,
-                 scores, kv_rows=None) -> None:
+                 kv_rows=None) -> None:
         """``out[i] = attention(q[i], keys[r, :, lo[i]:hi[i]], values[r, ...])``, r = kv_rows[i].
+
+        Runs on torch's current thread count (`torch.get_num_threads`), on the kernels' pool.
 
         Args:
             q: ``[n, heads * d]`` rows (heads sharing a kv head consecutive; rows may be
@@ -352,16 +368,91 @@ class DecodeAttention:
             scale: Score scaling.
             softcap: Tanh soft-cap of the scores, or None.
             out: ``[n, heads * d]`` output (rows may be strided).
-            scores: ``float32`` scratch of at least ``groups * max(hi)``.
             kv_rows: ``int32 [n]``: the KV row each query reads (None: row ``i``).
         """
+        import torch
+
         n = q.shape[0]
         _, kv_heads, _, d = keys.shape
         groups = q.shape[1] // (kv_heads * d)
         self.fn(n, kv_heads, groups, d, q.data_ptr(), q.stride(0), keys.data_ptr(),
                 values.data_ptr(), keys.stride(0), keys.stride(1),
                 None if kv_rows is None else kv_rows.data_ptr(), lo.data_ptr(), hi.data_ptr(),
-                scale, softcap or 0.0, out.data_ptr(), out.stride(0), scores.data_ptr())
+                scale, softcap or 0.0, out.data_ptr(), out.stride(0), torch.get_num_threads())
+
+
+class RmsNorm(_Kernel):
+    """RMSNorm, optionally after the residual add, in one pass (``rms_norm`` in `native.c`)."""
+
+    stem = "rms_norm"
+
+    def __call__(self, x, weight, eps: float, residual=None):
+        """``x / sqrt(mean(x^2) + eps) * weight`` per row, after ``x += residual`` if given.
+
+        The add is in place and rounded to the dtype, as ``x.add_(residual)`` then
+        ``F.rms_norm``.
+
+        Args:
+            x: ``[n, hidden]`` with contiguous rows (rows may be strided).
+            weight: ``[hidden]``, contiguous.
+            eps: Added to the mean square.
+            residual: ``[n, hidden]`` added to ``x`` first, or None.
+
+        Returns:
+            A new ``[n, hidden]`` tensor of ``x``'s dtype.
+        """
+        import torch
+
+        out = torch.empty_like(x)
+        self.fn(x.shape[0], x.shape[1], x.data_ptr(), x.stride(0),
+                None if residual is None else residual.data_ptr(),
+                0 if residual is None else residual.stride(0), weight.data_ptr(),
+                out.data_ptr(), out.stride(0), eps, torch.get_num_threads())
+        return out
+
+
+class SiluMul(_Kernel):
+    """The gated MLP's ``silu(gate) * up`` in one pass (``silu_mul`` in `native.c`)."""
+
+    stem = "silu_mul"
+
+    def __call__(self, gate_up):
+        """``silu(gate_up[:, :inter]) * gate_up[:, inter:]``, ``inter`` half the width.
+
+        Args:
+            gate_up: ``[n, 2 * inter]`` with contiguous rows (rows may be strided).
+
+        Returns:
+            A new ``[n, inter]`` tensor of ``gate_up``'s dtype.
+        """
+        import torch
+
+        n, width = gate_up.shape
+        out = torch.empty(n, width // 2, dtype=gate_up.dtype, device=gate_up.device)
+        self.fn(n, width // 2, gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(),
+                out.stride(0), torch.get_num_threads())
+        return out
+
+
+class Rope(_Kernel):
+    """Rotary embedding in place, pair-adjacent layout (``rope`` in `native.c`)."""
+
+    stem = "rope"
+
+    def __call__(self, x, positions, cos, sin) -> None:
+        """Rotate every head of every token of ``x`` by its position, in place.
+
+        Args:
+            x: ``[n, heads, d]``: heads contiguous within a token (tokens may be strided).
+            positions: ``int64 [n]``, each token's position.
+            cos: ``[max_len, d]`` the signed pair-adjacent table, contiguous; ``sin`` the same.
+            sin: See ``cos``.
+        """
+        import torch
+
+        n, heads, d = x.shape
+        self.fn(n, heads, d, x.data_ptr(), x.stride(0), positions.data_ptr(), cos.data_ptr(),
+                sin.data_ptr(), torch.get_num_threads())
 
 
 def main(argv: list[str] | None = None) -> int:

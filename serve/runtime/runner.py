@@ -9,9 +9,12 @@ batched against the KV cache (grouped-query heads viewed as ``[kv_heads, groups]
 copy), each chunk causal over its row's prefix plus itself; sliding windows and soft-capping
 come from the layer (`serve.runtime.weights.LayerWeights`).
 
-Per layer and step: 2 norms (4 for Gemma), 4 fused projections (each + its LoRA), one RoPE on
-q|k together (pair-adjacent layout: ``x * cos + swap_pairs(x) * sin``), the KV writes, one
-attention call per kind, in-place residual adds.
+Per layer and step: 2 norms (4 for Gemma), each fused with the in-place residual add before
+it, 4 fused projections (each + its LoRA), one RoPE on q|k together (pair-adjacent layout:
+``x * cos + swap_pairs(x) * sin``), the KV writes, one attention call per kind. In bf16 on CPU
+the norms, RoPE and the gated activation are one native call each (`serve.runtime.native`);
+fp32 keeps torch's ops, the reference for the token-exact tests. Decode attention is native
+where that measured faster at start (`serve.runtime.dtype_choice`).
 
 Where the job ends: the runner computes logits. Choosing tokens is `serve.runtime.sampling`;
 which sequences run and when is `serve.runtime.scheduler`.
@@ -128,6 +131,18 @@ class ModelRunner:
             from serve.runtime.native import DecodeAttention
 
             self.attention = DecodeAttention.load(self.dtype)
+        # The element-wise work between matmuls in one native pass each, in bf16: RMSNorm
+        # with the residual add before it (torch: a dozen ops around fp32 casts), RoPE in
+        # place, and silu(gate) * up; each computes in fp32 and rounds once. fp32 keeps torch's
+        # ops: it is the reference the token-exact tests compare with transformers, where
+        # another summation order could flip a near-tie.
+        self.rms = self.rope = self.silu_mul = None
+        if self.dtype == torch.bfloat16 and self.device.type == "cpu":
+            from serve.runtime.native import RmsNorm, Rope, SiluMul
+
+            self.rms, self.rope = RmsNorm.load(self.dtype), Rope.load(self.dtype)
+            if all(isinstance(layer.act, torch.nn.SiLU) for layer in self.layers):
+                self.silu_mul = SiluMul.load(self.dtype)
         # Threads per pass (serve.runtime.threads_choice); None: leave torch's setting alone.
         self.thread_plan: ThreadPlan | None = None
         self.qk = (self.heads + self.kv_heads) * self.head_dim
@@ -235,22 +250,33 @@ class ModelRunner:
         self.cache.ensure(longest)
         plan = self.plan_for(slots) if not chunks else self.lora.plan(slots)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        tables = {kind: (self.cos[kind].index_select(0, pos).unsqueeze(1),
-                         self.sin[kind].index_select(0, pos).unsqueeze(1)) for kind in self.cos}
+        if self.rope is not None:  # it reads the tables at each token's position itself
+            tables = {kind: (self.cos[kind], self.sin[kind]) for kind in self.cos}
+        else:
+            tables = {kind: (self.cos[kind].index_select(0, pos).unsqueeze(1),
+                             self.sin[kind].index_select(0, pos).unsqueeze(1))
+                      for kind in self.cos}
         masks = _Masks(self, decode, chunks, pos, n, longest)
         x = self.inner.embed_tokens(torch.tensor(ids, dtype=torch.long,
                                                  device=self.device)).to(self.dtype)
+        # Each residual add is fused with the norm after it (the next layer's, or the final).
+        h = self._norm(x, self.layers[0].attn_in)
         for i, layer in enumerate(self.layers):
-            h = self._norm(x, layer.attn_in)
             qkv = self._project(i, "qkv", layer.qkv, h, plan)
             attn = self._attention(i, layer, qkv, tables[layer.rope], masks, n, chunks, sizes)
             out = self._project(i, "o", layer.o, attn, plan)
-            x.add_(out if layer.attn_out is None else self._norm(out, layer.attn_out))
-            h = self._norm(x, layer.mlp_in)
+            if layer.attn_out is not None:  # Gemma: the sublayer's output is normed first
+                out = self._norm(out, layer.attn_out)
+            h = self._add_norm(x, out, layer.mlp_in)
             gate_up = self._project(i, "gate_up", layer.gate_up, h, plan)
-            act = layer.act(gate_up[:, :self.inter]).mul_(gate_up[:, self.inter:])
+            act = (self.silu_mul(gate_up) if self.silu_mul is not None
+                   else layer.act(gate_up[:, :self.inter]).mul_(gate_up[:, self.inter:]))
             out = self._project(i, "down", layer.down, act, plan)
-            x.add_(out if layer.mlp_out is None else self._norm(out, layer.mlp_out))
+            if layer.mlp_out is not None:
+                out = self._norm(out, layer.mlp_out)
+            following = (self.layers[i + 1].attn_in if i + 1 < self.num_layers
+                         else self.final_norm)
+            h = self._add_norm(x, out, following)
         if decode is not None:
             for row, position in enumerate(decode.positions):
                 self.cache.lengths[row] = position + 1
@@ -260,16 +286,25 @@ class ModelRunner:
             offset += size
             lasts.append(offset - 1)
             self.cache.lengths[row] = start + size
-        if len(lasts) != x.shape[0]:
-            x = x.index_select(0, torch.tensor(lasts, device=self.device))
-        h = self._norm(x, self.final_norm)
+        if len(lasts) != h.shape[0]:
+            h = h.index_select(0, torch.tensor(lasts, device=self.device))
         logits = refine_top(self.lm_head(h), h, self.head_weight)
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.rms is not None:
+            return self.rms(x, weight, self.eps)
         return self._torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    def _add_norm(self, x: torch.Tensor, residual: torch.Tensor,
+                  weight: torch.Tensor) -> torch.Tensor:
+        """``x += residual`` (in place), then ``x``'s norm by ``weight``."""
+        if self.rms is not None:
+            return self.rms(x, weight, self.eps, residual)
+        x.add_(residual)
+        return self._norm(x, weight)
 
     def _project(self, i: int, name: str, projection, x: torch.Tensor,
                  plan: LoraBatch) -> torch.Tensor:
@@ -290,8 +325,11 @@ class ModelRunner:
                 torch.nn.functional.rms_norm(qk[:, :heads], (d,), layer.q_norm, self.eps),
                 torch.nn.functional.rms_norm(qk[:, heads:], (d,), layer.k_norm, self.eps)], 1)
         cos, sin = table
-        swapped = qk.reshape(rows, heads + kv_heads, d // 2, 2).flip(-1).view(rows, -1, d)
-        qk = (qk * cos).addcmul_(swapped, sin)
+        if self.rope is not None:
+            self.rope(qk, masks.pos, cos, sin)  # in place (q|k of qkv, or the normed copy)
+        else:
+            swapped = qk.reshape(rows, heads + kv_heads, d // 2, 2).flip(-1).view(rows, -1, d)
+            qk = (qk * cos).addcmul_(swapped, sin)
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, self.qk:].view(rows, kv_heads, d)
         if self.attention is not None and all(size <= NATIVE_CHUNK for size in sizes):
@@ -330,11 +368,11 @@ class ModelRunner:
             offset += size
             self.cache.write_prefill(i, row, start, k[part].transpose(0, 1),
                                      v[part].transpose(0, 1))
-        kv_rows, lo, hi, scores = masks.native(layer.window, self.groups)
+        kv_rows, lo, hi = masks.native(layer.window)
         out = self._torch.empty(q.shape[0], self.heads * self.head_dim, dtype=self.dtype,
                                 device=self.device)
         self.attention(q.flatten(1), self.cache.k[i], self.cache.v[i], lo, hi, layer.scaling,
-                       layer.softcap, out, scores, kv_rows=kv_rows)
+                       layer.softcap, out, kv_rows=kv_rows)
         return out
 
 
@@ -417,9 +455,9 @@ class _Masks:
             self._decode[(window, additive)] = mask
         return mask
 
-    def native(self, window: int | None, groups: int,
-               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each token's KV row (None: decode rows only), visible keys and scratch, for native.
+    def native(self, window: int | None,
+               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Each token's KV row (None: decode rows only) and visible keys, for native.
 
         Visible keys are ``lo .. hi - 1`` (int32), by the same rule as `decode` and
         `prefill`: ``j <= pos`` and, with a window, ``j > pos - window``.
@@ -436,8 +474,7 @@ class _Masks:
             hi = (self.pos + 1).to(torch.int32)
             lo = ((self.pos - window + 1).clamp_(min=0).to(torch.int32) if window
                   else torch.zeros_like(hi))
-            scores = torch.empty(groups * self.longest, dtype=torch.float32)
-            got = self._native[window] = (kv_rows, lo, hi, scores)
+            got = self._native[window] = (kv_rows, lo, hi)
         return got
 
     def prefill(self, c: int, window: int | None) -> torch.Tensor | None:

@@ -249,6 +249,7 @@ class Scheduler:
         if decoded:
             self.stats.record_step(time.perf_counter() - started)
         self._maybe_shrink_kv()
+        self.cache.yield_to_loads()
 
     # -- reap -------------------------------------------------------------------------------
 
@@ -336,13 +337,16 @@ class Scheduler:
             self.cache.draining = frozenset()
         blocked: Sequence | None = None
         oldest: dict[str, float] = {}  # adapter -> submission time of its oldest waiting request
+        room = self.cache.room()  # new loads that can find a slot (more would read in vain)
         for seq in wanted:
             oldest.setdefault(seq.key, seq.submitted)
             if seq.loading or self.cache.get(seq.key) is not None:
                 continue
-            if not self.cache.is_loading(seq.key) and not self.cache.has_room():
-                blocked = blocked or seq
-                continue  # every slot pinned or wanted: wait for running sequences to finish
+            if not self.cache.is_loading(seq.key):
+                if room <= 0:
+                    blocked = blocked or seq
+                    continue  # every slot pinned or wanted: wait for running sequences to end
+                room -= 1
             seq.waited_for_load = seq.loading = True
             future = self.cache.start_load(seq.request.adapter)
             future.add_done_callback(lambda f, s=seq: self._load_done(s, f))

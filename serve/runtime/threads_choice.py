@@ -103,7 +103,13 @@ def measure(runner: ModelRunner, threads: int) -> ThreadPlan:
         cache.allocate()
     try:
         with torch.inference_mode():
-            time_steps(runner, 1, 1)  # the first passes on a shrunk team are slower: not timed
+            # Not timed: the first passes on a shrunk team are slower, and right after start
+            # all-thread passes ran ~1.5x slower for a while (measured 38.8 ms against 26.3 ms
+            # a few seconds later at batch 1 on a 2-core AMD EPYC), which made one thread look
+            # faster up to batch 8-32 and the server slower all run.
+            time_steps(runner, 1, 1)
+            for rows in ladder(cache.rows):
+                time_steps(runner, rows, threads)
             for rows in ladder(cache.rows):
                 one = time_steps(runner, rows, 1)
                 every = time_steps(runner, rows, threads)

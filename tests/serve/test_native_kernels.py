@@ -1,4 +1,4 @@
-"""The native decode-attention kernel against torch's SDPA (table-driven, no model).
+"""The native decode-attention and RMSNorm kernels against torch (table-driven, no model).
 
 The LoRA kernel is checked in `tests/serve/test_lora_batched.py`; both kernels serve every
 family token-exact in `tests/serve/test_families.py`.
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from serve.runtime import native
-from serve.runtime.native import DecodeAttention
+from serve.runtime.native import DecodeAttention, RmsNorm, Rope, SiluMul
 
 # (label, rows, kv_heads, groups, head_dim, cached length, window, softcap)
 CASES = [
@@ -24,6 +24,7 @@ CASES = [
     ("sliding window", 5, 2, 2, 16, 50, 7, None),
     ("soft-capped scores (Gemma 2)", 4, 1, 4, 64, 20, None, 5.0),
     ("head dim not a multiple of 16", 3, 2, 2, 24, 12, None, None),
+    ("long context: scores on the heap", 3, 2, 4, 32, 1100, None, None),
 ]
 
 
@@ -54,13 +55,19 @@ def _check_decode_attention(label, n, kv_heads, groups, d, length, window, cap, 
     # Queries as the runner has them: rows of a wider q|k tensor.
     qk = torch.randn(n, (kv_heads * groups + kv_heads) * d, generator=gen).to(dtype)
     q = qk[:, :kv_heads * groups * d]
-    out = torch.full((n, kv_heads * groups * d), float("nan"), dtype=dtype)
-    scores = torch.empty(groups * length, dtype=torch.float32)
     scale = d ** -0.5
-    attention(q, keys, values, lo, hi, scale, cap, out, scores)
     want = _reference(q, keys, values, lo, hi, scale, cap, groups)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol, msg=label)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):  # one thread, and (query, kv head) items split over two
+            torch.set_num_threads(count)
+            out = torch.full((n, kv_heads * groups * d), float("nan"), dtype=dtype)
+            attention(q, keys, values, lo, hi, scale, cap, out)
+            torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol,
+                                       msg=f"{label}, {count} threads")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -71,6 +78,75 @@ def test_decode_attention_matches_reference(label, n, kv_heads, groups, d, lengt
     if native.library() is None:
         pytest.skip("no C compiler here: the native kernels cannot be built")
     _check_decode_attention(label, n, kv_heads, groups, d, length, window, cap, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "hidden", "residual"), [
+    (1, 576, False), (7, 576, True), (5, 24, True), (9, 40, False)],
+    ids=["one row", "rows over threads, with residual", "tail lanes, with residual",
+         "tail lanes"])
+def test_rms_norm_matches_torch(rows, hidden, residual, dtype):
+    if native.library() is None:
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    norm = RmsNorm.load(dtype)
+    gen = torch.Generator().manual_seed(3)
+    wide = (torch.randn(rows, hidden + 8, generator=gen) * 3).to(dtype)
+    x = wide[:, :hidden]  # strided rows, as a view of a wider tensor
+    res = (torch.randn(rows, hidden, generator=gen) * 3).to(dtype) if residual else None
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    want_x = x.clone()
+    if res is not None:
+        want_x.add_(res)  # torch's in-place add: the residual the next layer reads
+    want = F.rms_norm(want_x.float(), (hidden,), weight.float(), 1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = norm(x, weight, 1e-5, res)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(x, want_x)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: rounded once, from fp32
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "inter"), [(1, 64), (9, 40)], ids=["one row", "tail lanes"])
+def test_silu_mul_matches_torch(rows, inter, dtype):
+    if native.library() is None:
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    gen = torch.Generator().manual_seed(4)
+    wide = (torch.randn(rows, 2 * inter + 8, generator=gen) * 4).to(dtype)
+    gate_up = wide[:, :2 * inter]  # strided rows
+    want = F.silu(gate_up[:, :inter].float()) * gate_up[:, inter:].float()
+    got = SiluMul.load(dtype)(gate_up)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "heads", "d"), [(1, 3, 64), (7, 5, 24)],
+                         ids=["one token", "tail lanes, tokens over threads"])
+def test_rope_matches_the_pair_adjacent_formula(tokens, heads, d, dtype):
+    if native.library() is None:
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(tokens, heads * d + 16, generator=gen).to(dtype)
+    x = wide[:, :heads * d].view(tokens, heads, d)  # q|k as a view of a wider qkv row
+    cos, sin = (torch.randn(32, d, generator=gen).to(dtype) for _ in range(2))
+    positions = torch.randint(0, 32, (tokens,), generator=gen)
+    rest = wide[:, heads * d:].clone()
+    xf = x.float()
+    swapped = xf.reshape(tokens, heads, d // 2, 2).flip(-1).view(tokens, heads, d)
+    want = xf * cos.float()[positions][:, None] + swapped * sin.float()[positions][:, None]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Rope.load(dtype)(x, positions, cos, sin)
+    finally:
+        torch.set_num_threads(threads)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(x.float(), want, rtol=tol, atol=tol)
+    assert torch.equal(wide[:, heads * d:], rest)  # the rest of the row (v) is untouched
 
 
 def test_sdpa_agrees_with_the_reference_used_above():
@@ -99,6 +175,7 @@ def test_a_failing_compiler_leaves_torch_paths(tmp_path, monkeypatch, caplog):
     stack = LoraStack({"o": (8, [8])}, 1, dtype=torch.float32, kernel="native")
     assert stack.kernel == "torch"
     assert DecodeAttention.load("float32") is None
+    assert RmsNorm.load("bfloat16") is None
 
 
 def test_the_build_is_keyed_by_source_and_reused(tmp_path):
