@@ -221,25 +221,16 @@ class AdapterCache:
                 weights = self.reader(record)
             with self.lock:
                 self._installs_waiting += 1
-            self.step_lock.acquire()
-            with self.lock:
-                self._installs_waiting -= 1
             try:
-                with self.lock:
+                with self.step_lock, self.lock:
+                    self._installs_waiting -= 1
                     try:
-                        entry = self._install(key, record, copy, weights, started)
+                        return self._install(key, record, copy, weights, started)
                     except NoRoom:  # the slot went to new requests: keep what was read
-                        if copy is not None:
-                            self._host[key] = copy
-                        else:
-                            self._unplaced[key] = weights
-                            while len(self._unplaced) > self.capacity:
-                                self._unplaced.popitem(last=False)
+                        self._keep_for_retry(key, copy, weights)
                         raise
             finally:
-                self.step_lock.release()
-                self._installed.set()
-            return entry
+                self._installed.set()  # after the step lock is released
         finally:
             with self.lock:
                 self._loading.pop(key, None)
@@ -261,6 +252,16 @@ class AdapterCache:
         self.loads += 1
         self.load_s_total += load_s
         return entry
+
+    def _keep_for_retry(self, key: str, copy: AdapterCopy | None,
+                        weights: AdapterWeights | None) -> None:
+        """A host copy goes back to the host tier; read weights wait in ``_unplaced``."""
+        if copy is not None:
+            self._host[key] = copy
+            return
+        self._unplaced[key] = weights
+        while len(self._unplaced) > self.capacity:
+            self._unplaced.popitem(last=False)
 
     def yield_to_loads(self, timeout_s: float = 0.2) -> None:
         """Between steps (``step_lock`` free): wait while a read load installs itself.

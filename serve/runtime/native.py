@@ -314,20 +314,22 @@ def _suffix(dtype) -> str | None:
     return SUFFIX.get(str(dtype).removeprefix("torch."))
 
 
-def sgmv(dtype):
-    """The SGMV kernel for ``float32`` or ``bfloat16`` tensors, or None."""
+def _function(stem: str, dtype):
+    """``{stem}_f32`` or ``{stem}_bf16`` for ``dtype``, or None where the kernels are not loaded."""
     lib, suffix = library(), _suffix(dtype)
     if lib is None or suffix is None:
         return None
-    return getattr(lib, f"sgmv_{suffix}")
+    return getattr(lib, f"{stem}_{suffix}")
+
+
+def sgmv(dtype):
+    """The SGMV kernel for ``float32`` or ``bfloat16`` tensors, or None."""
+    return _function("sgmv", dtype)
 
 
 def nf4_linear(dtype):
     """The 4-bit-code linear kernel for ``float32`` or ``bfloat16`` activations, or None."""
-    lib, suffix = library(), _suffix(dtype)
-    if lib is None or suffix is None:
-        return None
-    return getattr(lib, f"nf4_linear_{suffix}")
+    return _function("nf4_linear", dtype)
 
 
 class _Kernel:
@@ -341,10 +343,8 @@ class _Kernel:
     @classmethod
     def load(cls, dtype):
         """For ``float32`` or ``bfloat16`` tensors; None where the kernels are not available."""
-        lib, suffix = library(), _suffix(dtype)
-        if lib is None or suffix is None:
-            return None
-        return cls(getattr(lib, f"{cls.stem}_{suffix}"))
+        fn = _function(cls.stem, dtype)
+        return None if fn is None else cls(fn)
 
 
 class DecodeAttention(_Kernel):

@@ -256,7 +256,7 @@ class ModelRunner:
             tables = {kind: (self.cos[kind].index_select(0, pos).unsqueeze(1),
                              self.sin[kind].index_select(0, pos).unsqueeze(1))
                       for kind in self.cos}
-        masks = _Masks(self, decode, chunks, pos, n, longest)
+        masks = _Masks(self, decode, chunks, pos, n)
         x = self.inner.embed_tokens(torch.tensor(ids, dtype=torch.long,
                                                  device=self.device)).to(self.dtype)
         # Each residual add is fused with the norm after it (the next layer's, or the final).
@@ -417,13 +417,13 @@ class _Masks:
     """Attention masks of one step, built once per distinct sliding window."""
 
     def __init__(self, runner: ModelRunner, decode: DecodeRows | None,
-                 chunks: list[PrefillChunk], pos: torch.Tensor, n: int, longest: int) -> None:
+                 chunks: list[PrefillChunk], pos: torch.Tensor, n: int) -> None:
         import torch
 
         self.torch = torch
         self.device = runner.device
         self.chunks = chunks
-        self.pos, self.n, self.longest = pos, n, longest
+        self.pos, self.n = pos, n
         decode_pos = self.decode_pos = pos[:n]
         self.decode_len = (max(decode.positions) + 1) if decode is not None else 0
         self.flat_index = runner.cache.flat_index(decode_pos) if decode is not None else None
