@@ -77,7 +77,10 @@ static inline void store1_bf16(uint16_t *o, float d) { *o = f2bf(d); }
  * generation and the next chunk, closed when the job ends, so a late worker can never claim a
  * chunk of a finished job.
  * Workers spin briefly after a job, since the next kernel often follows within microseconds,
- * then sleep on a condition variable. One job at a time (callers on several threads queue).
+ * then sleep on a condition variable. A kernel too small to split (the LoRA delta of one row)
+ * runs on the caller alone and extends that spin: while a pass keeps calling kernels the
+ * workers stay awake (measured at one row with an adapter: waking them after each such kernel
+ * cost 1.5 ms of a 15 ms decode step). One job at a time (callers on several threads queue).
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -99,6 +102,7 @@ static struct {
     int64_t total, chunk, chunks;
     int helpers;            /* workers that may take part in the current job */
     atomic_int_fast64_t done;   /* chunks finished in the current job */
+    atomic_int_fast64_t touched;  /* when a kernel last ran on the caller alone (ns) */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 /* One job at a time: callers on several threads queue here. */
@@ -143,7 +147,13 @@ static void *worker(void *arg) {
         int64_t until = now_ns() + SPIN_NS;
         while ((uint32_t)(atomic_load_explicit(&pool.word, memory_order_acquire) >> 32) == seen) {
             cpu_relax();
-            if (now_ns() > until) {
+            int64_t t = now_ns();
+            if (t > until) {
+                int64_t touched = atomic_load_explicit(&pool.touched, memory_order_relaxed);
+                if (touched + SPIN_NS > t) { /* kernels are still running on the caller */
+                    until = touched + SPIN_NS;
+                    continue;
+                }
                 pthread_mutex_lock(&pool.mu);
                 while ((uint32_t)(atomic_load(&pool.word) >> 32) == seen)
                     pthread_cond_wait(&pool.cv, &pool.mu);
@@ -164,6 +174,7 @@ static void parallel(task_fn fn, void *ctx, int64_t total, int64_t chunk, int th
     if (helpers > chunks - 1) helpers = (int)(chunks - 1);
     if (helpers <= 0 || chunks >= UINT32_MAX) {
         fn(ctx, 0, total);
+        if (pool.workers) atomic_store_explicit(&pool.touched, now_ns(), memory_order_relaxed);
         return;
     }
     pthread_mutex_lock(&job_mu);
@@ -195,6 +206,22 @@ static void parallel(task_fn fn, void *ctx, int64_t total, int64_t chunk, int th
     pthread_mutex_unlock(&job_mu);
 }
 
+static inline void store16_f32(float *p, v16f v) { memcpy(p, &v, 64); }
+
+static inline void store16_bf16(uint16_t *p, v16f f) {
+    v16u u;
+    memcpy(&u, &f, 64);
+    v16u nan = (v16u)((u & 0x7fffffffu) > 0x7f800000u);
+    v16u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    v16u r = (nan & ((u >> 16) | 0x40u)) | (~nan & rounded); /* as f2bf: quiet NaNs kept */
+    v16h h = __builtin_convertvector(r, v16h);
+    memcpy(p, &h, 32);
+}
+
+/* The SGMV block: R rows of one adapter, nb of them real (the others repeat the first row and
+ * are not written). R is a compile-time count once inlined: 1 and 2 for blocks of one or two
+ * rows (a single stream; 16 rows over 8 adapters), so they do not pay for RB rows of products
+ * (measured at one row: 24 us per projection in a decode step, a third of it padding). */
 #define DEFINE_SGMV(NAME, T, SFX)                                                              \
     struct NAME##_job {                                                                        \
         const int32_t *seg_slot, *seg_start, *rows, *items;                                    \
@@ -205,82 +232,82 @@ static void parallel(task_fn fn, void *ctx, int64_t total, int64_t chunk, int th
         int64_t x_stride, out_stride;                                                          \
         T *out;                                                                                \
     };                                                                                         \
+    static inline __attribute__((always_inline)) void NAME##_block(                            \
+            const struct NAME##_job *jb, int s, int b0, int nb, const int R, float *h) {       \
+        const int in_f = jb->in_f, pr = jb->pr, r = jb->r;                                     \
+        const int64_t out_stride = jb->out_stride;                                             \
+        int64_t slot = jb->seg_slot[s];                                                        \
+        const T *a = jb->at + slot * (int64_t)in_f * pr;                                       \
+        const int32_t *rw = jb->rows + b0;                                                     \
+        const T *xr[RB];                                                                       \
+        for (int i = 0; i < R; i++) xr[i] = jb->x + (int64_t)rw[i < nb ? i : 0] * jb->x_stride; \
+        /* shrink, 16 columns of h at a time, the R rows sharing each load of A */             \
+        int j = 0;                                                                             \
+        for (; j + 16 <= pr; j += 16) {                                                        \
+            v16f acc[RB] = {0};                                                                \
+            for (int k = 0; k < in_f; k++) {                                                   \
+                v16f av = load16_##SFX(a + (int64_t)k * pr + j);                               \
+                for (int i = 0; i < R; i++) acc[i] += load1_##SFX(xr[i] + k) * av;             \
+            }                                                                                  \
+            for (int i = 0; i < R; i++) memcpy(h + i * pr + j, &acc[i], 64);                   \
+        }                                                                                      \
+        for (; j < pr; j++) {                                                                  \
+            float acc[RB] = {0};                                                               \
+            for (int k = 0; k < in_f; k++) {                                                   \
+                float av = load1_##SFX(a + (int64_t)k * pr + j);                               \
+                for (int i = 0; i < R; i++) acc[i] += load1_##SFX(xr[i] + k) * av;             \
+            }                                                                                  \
+            for (int i = 0; i < R; i++) h[i * pr + j] = acc[i];                                \
+        }                                                                                      \
+        /* expand, 16 * JW output columns at a time, each part at its offset */                \
+        for (int p = 0; p < jb->parts; p++) {                                                  \
+            int64_t size = jb->sizes[p], offset = jb->offsets[p];                              \
+            const T *b = jb->bt[p] + slot * (int64_t)r * size;                                 \
+            const float *hp = h + p * r;                                                       \
+            int64_t c = 0;                                                                     \
+            for (; c + 16 * JW <= size; c += 16 * JW) {                                        \
+                v16f acc[RB][JW] = {{0}};                                                      \
+                for (int t = 0; t < r; t++) {                                                  \
+                    const T *brow = b + (int64_t)t * size + c;                                 \
+                    v16f bv[JW];                                                               \
+                    for (int q = 0; q < JW; q++) bv[q] = load16_##SFX(brow + 16 * q);          \
+                    for (int i = 0; i < R; i++) {                                              \
+                        float hv = hp[i * pr + t];                                             \
+                        for (int q = 0; q < JW; q++) acc[i][q] += hv * bv[q];                  \
+                    }                                                                          \
+                }                                                                              \
+                for (int i = 0; i < nb; i++) {                                                 \
+                    T *o = jb->out + (int64_t)rw[i] * out_stride + offset + c;                 \
+                    for (int q = 0; q < JW; q++)                                               \
+                        store16_##SFX(o + 16 * q, load16_##SFX(o + 16 * q) + acc[i][q]);       \
+                }                                                                              \
+            }                                                                                  \
+            for (; c < size; c++) {                                                            \
+                float acc[RB] = {0};                                                           \
+                for (int t = 0; t < r; t++) {                                                  \
+                    float bv = load1_##SFX(b + (int64_t)t * size + c);                         \
+                    for (int i = 0; i < R; i++) acc[i] += hp[i * pr + t] * bv;                 \
+                }                                                                              \
+                for (int i = 0; i < nb; i++)                                                   \
+                    addout_##SFX(jb->out + (int64_t)rw[i] * out_stride + offset + c, acc[i]);  \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
     /* work items lo .. hi - 1: item i is the block of up to RB rows of segment items[2 i]     \
        starting at row index items[2 i + 1] */                                                 \
     static void NAME##_items(void *ctx, int64_t lo, int64_t hi) {                              \
         const struct NAME##_job *jb = ctx;                                                     \
-        const int32_t *seg_start = jb->seg_start, *rows = jb->rows;                            \
-        const int in_f = jb->in_f, pr = jb->pr, r = jb->r, parts = jb->parts;                  \
-        const T *x = jb->x;                                                                    \
-        const int64_t x_stride = jb->x_stride, out_stride = jb->out_stride;                    \
-        const int64_t *sizes = jb->sizes, *offsets = jb->offsets;                              \
-        T *out = jb->out;                                                                      \
-        float h[RB * pr];                                                                      \
+        float h[RB * jb->pr];                                                                  \
         for (int64_t item = lo; item < hi; item++) {                                           \
             int s = jb->items[2 * item], b0 = jb->items[2 * item + 1];                         \
-            int64_t slot = jb->seg_slot[s];                                                    \
-            const T *a = jb->at + slot * (int64_t)in_f * pr;                                   \
-            {                                                                                  \
-                int nb = seg_start[s + 1] - b0;                                                \
-                if (nb > RB) nb = RB;                                                          \
-                const int32_t *rw = rows + b0;                                                 \
-                const T *xr[RB];                                                               \
-                for (int i = 0; i < RB; i++)                                                   \
-                    xr[i] = x + (int64_t)rw[i < nb ? i : 0] * x_stride;                        \
-                /* shrink, 16 columns of h at a time, RB rows sharing each load of A */        \
-                int j = 0;                                                                     \
-                for (; j + 16 <= pr; j += 16) {                                                \
-                    v16f acc[RB] = {0};                                                        \
-                    for (int k = 0; k < in_f; k++) {                                           \
-                        v16f av = load16_##SFX(a + (int64_t)k * pr + j);                       \
-                        for (int i = 0; i < RB; i++) acc[i] += load1_##SFX(xr[i] + k) * av;    \
-                    }                                                                          \
-                    for (int i = 0; i < RB; i++) memcpy(h + i * pr + j, &acc[i], 64);          \
-                }                                                                              \
-                for (; j < pr; j++) {                                                          \
-                    float acc[RB] = {0};                                                       \
-                    for (int k = 0; k < in_f; k++) {                                           \
-                        float av = load1_##SFX(a + (int64_t)k * pr + j);                       \
-                        for (int i = 0; i < RB; i++) acc[i] += load1_##SFX(xr[i] + k) * av;    \
-                    }                                                                          \
-                    for (int i = 0; i < RB; i++) h[i * pr + j] = acc[i];                       \
-                }                                                                              \
-                /* expand, 16 * JW output columns at a time, each part at its offset */        \
-                for (int p = 0; p < parts; p++) {                                              \
-                    int64_t size = sizes[p];                                                   \
-                    const T *b = jb->bt[p] + slot * (int64_t)r * size;                         \
-                    const float *hp = h + p * r;                                               \
-                    int64_t c = 0;                                                             \
-                    for (; c + 16 * JW <= size; c += 16 * JW) {                                \
-                        v16f acc[RB][JW] = {{0}};                                              \
-                        for (int t = 0; t < r; t++) {                                          \
-                            const T *brow = b + (int64_t)t * size + c;                         \
-                            v16f bv[JW];                                                       \
-                            for (int q = 0; q < JW; q++) bv[q] = load16_##SFX(brow + 16 * q);  \
-                            for (int i = 0; i < RB; i++) {                                     \
-                                float hv = hp[i * pr + t];                                     \
-                                for (int q = 0; q < JW; q++) acc[i][q] += hv * bv[q];          \
-                            }                                                                  \
-                        }                                                                      \
-                        for (int i = 0; i < nb; i++) {                                         \
-                            T *o = out + (int64_t)rw[i] * out_stride + offsets[p] + c;         \
-                            float d[16 * JW];                                                  \
-                            memcpy(d, acc[i], sizeof d);                                       \
-                            for (int e = 0; e < 16 * JW; e++) addout_##SFX(o + e, d[e]);       \
-                        }                                                                      \
-                    }                                                                          \
-                    for (; c < size; c++) {                                                    \
-                        float acc[RB] = {0};                                                   \
-                        for (int t = 0; t < r; t++) {                                          \
-                            float bv = load1_##SFX(b + (int64_t)t * size + c);                 \
-                            for (int i = 0; i < RB; i++) acc[i] += hp[i * pr + t] * bv;        \
-                        }                                                                      \
-                        for (int i = 0; i < nb; i++)                                           \
-                            addout_##SFX(out + (int64_t)rw[i] * out_stride + offsets[p] + c,   \
-                                         acc[i]);                                              \
-                    }                                                                          \
-                }                                                                              \
-            }                                                                                  \
+            int nb = jb->seg_start[s + 1] - b0;                                                \
+            if (nb > RB) nb = RB;                                                              \
+            if (nb == 1)                                                                       \
+                NAME##_block(jb, s, b0, 1, 1, h);                                              \
+            else if (nb == 2)                                                                  \
+                NAME##_block(jb, s, b0, 2, 2, h);                                              \
+            else                                                                               \
+                NAME##_block(jb, s, b0, nb, RB, h);                                            \
         }                                                                                      \
     }                                                                                          \
     void NAME(int nseg, const int32_t *seg_slot, const int32_t *seg_start,                     \
@@ -558,17 +585,6 @@ DEFINE_NF4_LINEAR(nf4_linear_bf16, uint16_t, bf16)
  * Sums of squares and products are fp32; y is rounded once. Rows are split over `threads`
  * threads (the pool above), RB rows per work item.
  */
-static inline void store16_f32(float *p, v16f v) { memcpy(p, &v, 64); }
-
-static inline void store16_bf16(uint16_t *p, v16f f) {
-    v16u u;
-    memcpy(&u, &f, 64);
-    v16u nan = (v16u)((u & 0x7fffffffu) > 0x7f800000u);
-    v16u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    v16u r = (nan & ((u >> 16) | 0x40u)) | (~nan & rounded); /* as f2bf: quiet NaNs kept */
-    v16h h = __builtin_convertvector(r, v16h);
-    memcpy(p, &h, 32);
-}
 
 #define DEFINE_NORM(NAME, T, SFX)                                                              \
     struct NAME##_job {                                                                        \

@@ -86,9 +86,15 @@ WIDE = {"qkv": (72, [136, 64, 64]), "down": (200, [136])}
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_native_kernel_matches_reference_on_wide_shapes_in_both_dtypes(dtype, tol):
+@pytest.mark.parametrize("row_adapters", [
+    [0, 1, 2, 0, -1, 0, 0, 0, 0, 2, 1],  # blocks of 4 and 2 rows
+    [2, 0, -1, 0, 1, 0, 0, 2],  # a lone row (the one-row block) beside full blocks
+    [1],  # a single stream
+], ids=["blocks", "lone-row", "single"])
+def test_native_kernel_matches_reference_on_wide_shapes_in_both_dtypes(dtype, tol,
+                                                                       row_adapters):
     _kernel("native")
-    ranks, row_adapters = [16, 8, 16], [0, 1, 2, 0, -1, 0, 0, 0, 0, 2, 1]
+    ranks = [16, 8, 16]
     adapters = [_adapter(30 + i, r, tuple(WIDE), layers=1, shapes=WIDE)
                 for i, r in enumerate(ranks)]
     stack = LoraStack(WIDE, capacity=3, dtype=dtype, kernel="native")
