@@ -218,6 +218,21 @@ static inline void store16_bf16(uint16_t *p, v16f f) {
     memcpy(p, &h, 32);
 }
 
+#define KT 512 /* input columns widened to fp32 per pass of the LoRA shrink */
+
+static inline void widen_f32(const float *x, float *out, int n) {
+    memcpy(out, x, sizeof(float) * (size_t)n);
+}
+
+static inline void widen_bf16(const uint16_t *x, float *out, int n) {
+    int k = 0;
+    for (; k + 16 <= n; k += 16) {
+        v16f v = load16_bf16(x + k);
+        memcpy(out + k, &v, 64);
+    }
+    for (; k < n; k++) out[k] = bf2f(x[k]);
+}
+
 /* The SGMV block: R rows of one adapter, nb of them real (the others repeat the first row and
  * are not written). R is a compile-time count once inlined: 1 and 2 for blocks of one or two
  * rows (a single stream; 16 rows over 8 adapters), so they do not pay for RB rows of products
@@ -241,23 +256,34 @@ static inline void store16_bf16(uint16_t *p, v16f f) {
         const int32_t *rw = jb->rows + b0;                                                     \
         const T *xr[RB];                                                                       \
         for (int i = 0; i < R; i++) xr[i] = jb->x + (int64_t)rw[i < nb ? i : 0] * jb->x_stride; \
-        /* shrink, 16 columns of h at a time, the R rows sharing each load of A */             \
-        int j = 0;                                                                             \
-        for (; j + 16 <= pr; j += 16) {                                                        \
-            v16f acc[RB] = {0};                                                                \
-            for (int k = 0; k < in_f; k++) {                                                   \
-                v16f av = load16_##SFX(a + (int64_t)k * pr + j);                               \
-                for (int i = 0; i < R; i++) acc[i] += load1_##SFX(xr[i] + k) * av;             \
+        /* shrink, 16 columns of h at a time, the R rows sharing each load of A; the rows'   \
+           inputs are widened to fp32 KT columns at a time first, so each product is one      \
+           broadcast multiply-add from memory instead of a scalar load and widening per row */ \
+        float xf[RB * KT];                                                                     \
+        memset(h, 0, sizeof(float) * (size_t)(R * pr));                                        \
+        for (int k0 = 0; k0 < in_f; k0 += KT) {                                                \
+            const int kn = in_f - k0 < KT ? in_f - k0 : KT;                                    \
+            for (int i = 0; i < R; i++) widen_##SFX(xr[i] + k0, xf + i * KT, kn);              \
+            const T *ak = a + (int64_t)k0 * pr;                                                \
+            int j = 0;                                                                         \
+            for (; j + 16 <= pr; j += 16) {                                                    \
+                v16f acc[RB];                                                                  \
+                for (int i = 0; i < R; i++) acc[i] = load16_f32(h + i * pr + j);               \
+                for (int k = 0; k < kn; k++) {                                                 \
+                    v16f av = load16_##SFX(ak + (int64_t)k * pr + j);                          \
+                    for (int i = 0; i < R; i++) acc[i] += xf[i * KT + k] * av;                 \
+                }                                                                              \
+                for (int i = 0; i < R; i++) memcpy(h + i * pr + j, &acc[i], 64);               \
             }                                                                                  \
-            for (int i = 0; i < R; i++) memcpy(h + i * pr + j, &acc[i], 64);                   \
-        }                                                                                      \
-        for (; j < pr; j++) {                                                                  \
-            float acc[RB] = {0};                                                               \
-            for (int k = 0; k < in_f; k++) {                                                   \
-                float av = load1_##SFX(a + (int64_t)k * pr + j);                               \
-                for (int i = 0; i < R; i++) acc[i] += load1_##SFX(xr[i] + k) * av;             \
+            for (; j < pr; j++) {                                                              \
+                float acc[RB];                                                                 \
+                for (int i = 0; i < R; i++) acc[i] = h[i * pr + j];                            \
+                for (int k = 0; k < kn; k++) {                                                 \
+                    float av = load1_##SFX(ak + (int64_t)k * pr + j);                          \
+                    for (int i = 0; i < R; i++) acc[i] += xf[i * KT + k] * av;                 \
+                }                                                                              \
+                for (int i = 0; i < R; i++) h[i * pr + j] = acc[i];                            \
             }                                                                                  \
-            for (int i = 0; i < R; i++) h[i * pr + j] = acc[i];                                \
         }                                                                                      \
         /* expand, 16 * JW output columns at a time, each part at its offset */                \
         for (int p = 0; p < jb->parts; p++) {                                                  \

@@ -141,7 +141,11 @@ class ModelRunner:
             from serve.runtime.native import RmsNorm, Rope, SiluMul
 
             self.rms, self.rope = RmsNorm.load(self.dtype), Rope.load(self.dtype)
-            if all(isinstance(layer.act, torch.nn.SiLU) for layer in self.layers):
+            # By what the activation computes: transformers' "silu" is its own SiLUActivation
+            # class, not torch.nn.SiLU (a type check missed it and left torch's two ops).
+            probe = torch.linspace(-8, 8, 161)
+            silu = torch.nn.functional.silu(probe)
+            if all(torch.equal(layer.act(probe), silu) for layer in self.layers):
                 self.silu_mul = SiluMul.load(self.dtype)
         # Threads per pass (serve.runtime.threads_choice); None: leave torch's setting alone.
         self.thread_plan: ThreadPlan | None = None
