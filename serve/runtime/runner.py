@@ -141,11 +141,7 @@ class ModelRunner:
             from serve.runtime.native import RmsNorm, Rope, SiluMul
 
             self.rms, self.rope = RmsNorm.load(self.dtype), Rope.load(self.dtype)
-            # By what the activation computes: transformers' "silu" is its own SiLUActivation
-            # class, not torch.nn.SiLU (a type check missed it and left torch's two ops).
-            probe = torch.linspace(-8, 8, 161)
-            silu = torch.nn.functional.silu(probe)
-            if all(torch.equal(layer.act(probe), silu) for layer in self.layers):
+            if all(computes_silu(layer.act) for layer in self.layers):
                 self.silu_mul = SiluMul.load(self.dtype)
         # Threads per pass (serve.runtime.threads_choice); None: leave torch's setting alone.
         self.thread_plan: ThreadPlan | None = None
@@ -416,6 +412,17 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     out = torch.matmul(weights, values)
     return out.view(b, heads, m, d) if gqa else out
 
+
+def computes_silu(act) -> bool:
+    """Whether the activation module ``act`` is SiLU, judged by what it computes.
+
+    transformers' ``"silu"`` is its own ``SiLUActivation`` class, not ``torch.nn.SiLU``: a type
+    check missed it and left the gated MLP on torch's two ops instead of the native kernel.
+    """
+    import torch
+
+    probe = torch.linspace(-8, 8, 161)
+    return bool(torch.equal(act(probe), torch.nn.functional.silu(probe)))
 
 class _Masks:
     """Attention masks of one step, built once per distinct sliding window."""

@@ -245,3 +245,13 @@ def test_an_empty_prebuilt_folder_without_a_compiler_gives_none(tmp_path, fresh_
         assert native.identity() == ""
     assert "native kernels off" in caplog.text
     assert DecodeAttention.load("float32") is None and native.sgmv("float32") is None
+
+
+@pytest.mark.parametrize(("name", "silu"), [("silu", True), ("swish", True),
+                                            ("gelu_pytorch_tanh", False), ("gelu", False)])
+def test_the_silu_kernel_is_chosen_by_what_the_activation_computes(name, silu):
+    from transformers.activations import ACT2FN
+
+    from serve.runtime.runner import computes_silu
+
+    assert computes_silu(ACT2FN[name]) is silu
