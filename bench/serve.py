@@ -153,7 +153,8 @@ async def bench(args, base, prompts, sets: dict, results: dict) -> None:
     engine = create_engine("peft", EngineConfig(
         base=base, base_dtype=args.base_dtype, max_running=max(32, len(prompts)),
         max_adapters=8, max_model_len=1024, threads=args.threads,
-        options={"lora_dtype": args.lora_dtype, "lora_kernel": args.lora_kernel,
+        options={"compute_dtype": args.compute_dtype, "lora_dtype": args.lora_dtype,
+                 "lora_kernel": args.lora_kernel,
                  "single_thread_rows": args.single_thread_rows}))
     await engine.start()
     try:
@@ -221,7 +222,8 @@ async def constrained_cost(args, base, prompts, records) -> dict[str, float]:
     engine = create_engine("peft", EngineConfig(
         base=base, base_dtype=args.base_dtype, max_running=max(32, len(prompts)),
         max_adapters=8, max_model_len=1024, threads=args.threads,
-        options={"lora_dtype": args.lora_dtype, "lora_kernel": args.lora_kernel}))
+        options={"compute_dtype": args.compute_dtype, "lora_dtype": args.lora_dtype,
+                 "lora_kernel": args.lora_kernel}))
     await engine.start()
     try:
         await throughput(engine, requests(prompts[:4], records, 4, "warm-constrained"))
@@ -309,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--base-dtype", default="auto")
+    parser.add_argument("--compute-dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="the peft engine's compute dtype (auto: measured at start); fp32 "
+                        "is what a CPU without native bf16 gets")
     parser.add_argument("--lora-dtype", default="compute", choices=("auto", "compute", "fp32"))
     parser.add_argument("--lora-kernel", default="auto", choices=("auto", "native", "torch"),
                         help="the multi-LoRA delta's kernel (auto: measured at start)")

@@ -63,6 +63,7 @@ class Sequence:
     key: str | None = None
     sampler: RowState | None = None
     resident: Resident | None = None
+    pinned: bool = False  # holds a pin on its adapter (released once, when it ends)
     row: int = -1
     prefilled: int = 0
     position: int = 0
@@ -299,8 +300,7 @@ class Scheduler:
         for seq in [s for s in self.running if s.finish is not None]:
             self.running.remove(seq)
             self.by_id.pop(seq.request.request_id, None)
-            if seq.key is not None and seq.resident is not None:
-                self.cache.release(seq.key)
+            self._unpin(seq)
             seq.sink.close()
             hole, used = seq.row, len(self.running)
             if hole != used:  # row ``used`` is the last occupied one
@@ -421,7 +421,7 @@ class Scheduler:
                 return seq
             resident = self.cache.acquire(seq.key)
             if resident is not None:
-                seq.resident = resident
+                seq.resident, seq.pinned = resident, True
                 return seq
         return None
 
@@ -531,12 +531,23 @@ class Scheduler:
               ) -> None:
         chunk = TokenChunk(list(tokens), logprobs=logprobs, top_logprobs=top,
                            finish_reason=finish)  # type: ignore[arg-type]
+        if finish is not None:
+            # Before the client sees the end: an unload it sends next must not find the
+            # adapter still pinned by this finished row (the row itself leaves at the next
+            # compaction, before any pass; it is never decoded again).
+            self._unpin(seq)
         if seq.first_chunk:
             seq.first_chunk = False
             chunk.prompt_tokens = len(seq.request.prompt_ids)
             chunk.adapter_load_s = seq.load_s if seq.waited_for_load else 0.0
         if not seq.sink.push(chunk) and seq.finish is None:
             seq.finish = "abort"  # the consumer's loop is gone
+
+    def _unpin(self, seq: Sequence) -> None:
+        """Release ``seq``'s pin on its adapter, once."""
+        if seq.pinned:
+            seq.pinned = False
+            self.cache.release(seq.key)
 
     def _fail_running(self, error: BaseException) -> None:
         with self.step_lock, self.lock:

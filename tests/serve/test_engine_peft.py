@@ -12,7 +12,14 @@ import itertools
 import pytest
 
 from hub.errors import Conflict, EngineUnavailable, InvalidInput, Overloaded, Unsupported
-from serve.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, create_engine
+from serve.engine import (
+    Engine,
+    EngineConfig,
+    GenerationRequest,
+    SamplingParams,
+    adapter_key,
+    create_engine,
+)
 from serve.runtime import native
 
 MAX_TOKENS = 16
@@ -217,6 +224,29 @@ def test_lru_eviction_pinning_and_host_memory_reloads(base_info, store, adapter_
         assert engine.stats()["adapter_evictions"] >= 3
     finally:
         run(engine.shutdown(drain_timeout_s=5))
+
+
+def test_an_adapter_unloads_as_soon_as_its_last_stream_has_ended(engine, store,
+                                                                  adapter_factory, prompts):
+    # The finished row leaves the batch at the next step; its pin must not outlive the stream,
+    # or an unload sent right after the answer gets a 409 for a request that is over.
+    record = store.register(adapter_factory(seed=61, r=4, scale=0.2), "unpin")
+    key = adapter_key(record)
+
+    async def go():
+        for i in range(10):
+            pins = []
+            async for chunk in engine.generate(request(prompts[i % 2], record, max_tokens=3,
+                                                       stop_token_ids=[])):
+                if chunk.finish_reason is not None:  # read at once, before anything else runs
+                    pins.append(engine._cache.get(key).pins)
+            assert pins == [0]
+            await asyncio.gather(*(collect(engine, request(prompts[j % 2], record,
+                                                           max_tokens=3, stop_token_ids=[]))
+                                   for j in range(6)))
+            assert await engine.unload_adapter(key) is True
+
+    run(go())
 
 
 def test_overloaded_abort_and_drain(base_info, store, prompts):
