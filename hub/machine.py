@@ -26,6 +26,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+# Environment variables that change which CPU kernels torch and oneDNN pick.
+KERNEL_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+              "ONEDNN_DEFAULT_FPMATH_MODE")
+
+
 def cpu_flags() -> str:
     """The CPU's flag line (``/proc/cpuinfo``), or ``""`` where there is none."""
     try:
@@ -84,8 +89,14 @@ class MeasurementCache:
 
     @staticmethod
     def key(*parts: Any) -> str:
-        """A file-name-safe digest of what was measured (JSON-serialisable ``parts``)."""
-        return hashlib.sha256(json.dumps(list(parts)).encode()).hexdigest()[:24]
+        """A file-name-safe digest of what was measured (JSON-serialisable ``parts``).
+
+        The settings that change which kernels torch and oneDNN run (`KERNEL_ENV`) are part
+        of every key: with ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AMX machine bf16 matmuls ran 4x
+        slower, and a choice measured without it was reused.
+        """
+        env = [(name, os.environ.get(name, "")) for name in KERNEL_ENV]
+        return hashlib.sha256(json.dumps([*parts, env]).encode()).hexdigest()[:24]
 
     def read(self, key: str) -> dict[str, Any] | None:
         """The result stored under ``key``, or None (absent, unreadable or not JSON)."""

@@ -424,6 +424,7 @@ def computes_silu(act) -> bool:
     probe = torch.linspace(-8, 8, 161)
     return bool(torch.equal(act(probe), torch.nn.functional.silu(probe)))
 
+
 class _Masks:
     """Attention masks of one step, built once per distinct sliding window."""
 
