@@ -146,16 +146,23 @@ def efficiency(runner, batches: list[int], repeats: int) -> dict[int, dict[str, 
     return out
 
 
-async def bench(args, base, prompts, sets: dict, results: dict) -> None:
-    """Throughput, single stream, TTFT and memory on one engine with ``auto`` dtype."""
-    from serve.engine import EngineConfig, GenerationRequest, SamplingParams, create_engine
+def engine_config(args, base, rows: int):
+    """The peft engine both measurements start: the command line's dtypes, kernels, threads."""
+    from serve.engine import EngineConfig
 
-    engine = create_engine("peft", EngineConfig(
-        base=base, base_dtype=args.base_dtype, max_running=max(32, len(prompts)),
-        max_adapters=8, max_model_len=1024, threads=args.threads,
+    return EngineConfig(
+        base=base, base_dtype=args.base_dtype, max_running=max(32, rows), max_adapters=8,
+        max_model_len=1024, threads=args.threads,
         options={"compute_dtype": args.compute_dtype, "lora_dtype": args.lora_dtype,
                  "lora_kernel": args.lora_kernel,
-                 "single_thread_rows": args.single_thread_rows}))
+                 "single_thread_rows": args.single_thread_rows})
+
+
+async def bench(args, base, prompts, sets: dict, results: dict) -> None:
+    """Throughput, single stream, TTFT and memory on one engine with ``auto`` dtype."""
+    from serve.engine import GenerationRequest, SamplingParams, create_engine
+
+    engine = create_engine("peft", engine_config(args, base, len(prompts)))
     await engine.start()
     try:
         results["engine"] = engine.health().detail
@@ -214,16 +221,12 @@ async def constrained_cost(args, base, prompts, records) -> dict[str, float]:
     they never finish early and every step pays xgrammar's bitmask and the masking.
     """
     from serve.chat import Formatter
-    from serve.engine import EngineConfig, create_engine
+    from serve.engine import create_engine
 
     schema = {"type": "array", "minItems": args.max_tokens,
               "items": {"type": "integer", "minimum": 0, "maximum": 99}}
     constraint = Formatter(base).grammars.json_schema(schema, param="bench")
-    engine = create_engine("peft", EngineConfig(
-        base=base, base_dtype=args.base_dtype, max_running=max(32, len(prompts)),
-        max_adapters=8, max_model_len=1024, threads=args.threads,
-        options={"compute_dtype": args.compute_dtype, "lora_dtype": args.lora_dtype,
-                 "lora_kernel": args.lora_kernel}))
+    engine = create_engine("peft", engine_config(args, base, len(prompts)))
     await engine.start()
     try:
         await throughput(engine, requests(prompts[:4], records, 4, "warm-constrained"))

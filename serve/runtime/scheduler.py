@@ -63,7 +63,6 @@ class Sequence:
     key: str | None = None
     sampler: RowState | None = None
     resident: Resident | None = None
-    pinned: bool = False  # holds a pin on its adapter (released once, when it ends)
     row: int = -1
     prefilled: int = 0
     position: int = 0
@@ -421,7 +420,7 @@ class Scheduler:
                 return seq
             resident = self.cache.acquire(seq.key)
             if resident is not None:
-                seq.resident, seq.pinned = resident, True
+                seq.resident = resident
                 return seq
         return None
 
@@ -482,8 +481,7 @@ class Scheduler:
         victims = [seq for seq, _ in chunks] or rows
         for seq in victims:
             if seq.finish is None:
-                seq.finish = "abort"
-                seq.sink.fail(error)
+                self._fail(seq, error)
 
     def _maybe_shrink_kv(self) -> None:
         """Give KV memory back once the long sequences that grew it have left."""
@@ -502,8 +500,7 @@ class Scheduler:
                     choices.extend(sample(logits[i:i + 1], [seq.sampler]))
                 except Exception as exc:  # noqa: BLE001
                     choices.append(None)
-                    seq.finish = "abort"
-                    seq.sink.fail(exc if isinstance(exc, LoradockError) else EngineUnavailable(
+                    self._fail(seq, exc if isinstance(exc, LoradockError) else EngineUnavailable(
                         f"Sampling failed ({type(exc).__name__}: {exc})",
                         fix="Check the sampling parameters."))
         for seq, choice in zip(seqs, choices, strict=True):
@@ -544,17 +541,22 @@ class Scheduler:
             seq.finish = "abort"  # the consumer's loop is gone
 
     def _unpin(self, seq: Sequence) -> None:
-        """Release ``seq``'s pin on its adapter, once."""
-        if seq.pinned:
-            seq.pinned = False
+        """Release ``seq``'s pin on its adapter, once (a finished row is never decoded again)."""
+        if seq.resident is not None:
+            seq.resident = None
             self.cache.release(seq.key)
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        """End ``seq`` with ``error``; like a finish, its pin goes before the client hears."""
+        seq.finish = "abort"
+        self._unpin(seq)
+        seq.sink.fail(error)
 
     def _fail_running(self, error: BaseException) -> None:
         with self.step_lock, self.lock:
             for seq in self.running:
                 if seq.finish is None:
-                    seq.finish = "abort"
-                    seq.sink.fail(error)
+                    self._fail(seq, error)
             self._compact()
 
     def _abort_all(self) -> None:
