@@ -510,6 +510,9 @@ DEFINE_ATTN(decode_attn_bf16, uint16_t, bf16)
  * the exact fp32 weight values (code value times scale); out is rounded once.
  * Rows of W are split over `threads` threads (the pool above).
  */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint8_t v16b __attribute__((vector_size(16)));
 
@@ -527,7 +530,23 @@ struct nf4_job {
 };
 
 static inline v16f nf4_decode(v16f table, v16b bytes) {
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    /* AVX2 has no 16-entry permute, and GCC turns the generic shuffle below into scalar code
+     * there (measured: 0.69 ms per SmolLM2 layer at one row, 2.5x dense fp32's 0.27 ms).
+     * Instead: two 8-entry vpermps (low three bits of the code), bit 3 picks the half. */
+    __m256 half[2], out[2];
+    memcpy(half, &table, 64);
+    __m128i b;
+    memcpy(&b, &bytes, 16);
+    __m256i idx[2] = {_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(b, b))};
+    for (int h = 0; h < 2; h++)
+        out[h] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(half[0], idx[h]),
+                                  _mm256_permutevar8x32_ps(half[1], idx[h]),
+                                  _mm256_castsi256_ps(_mm256_slli_epi32(idx[h], 28)));
+    v16f w;
+    memcpy(&w, out, 64);
+    return w;
+#elif defined(__GNUC__) && !defined(__clang__)
     v16i idx = __builtin_convertvector(bytes, v16i);
     return __builtin_shuffle(table, idx);  /* one vpermps on AVX-512 */
 #else

@@ -186,7 +186,7 @@ class ModelRunner:
 
         Args:
             forced: That many rows (0: never), or -1: time the kernel against the dense
-                projections of layer 0 and use it up to the rows where it is faster.
+                projections of every layer and use it up to the rows where it is faster.
         """
         projections = [getattr(layer, name) for layer in self.layers for name in PROJECTIONS]
         if not projections or any(p.small is None for p in projections):
@@ -198,10 +198,9 @@ class ModelRunner:
         if forced >= 0:
             rows, reason = forced, f"4-bit-code kernel up to {forced} rows (asked for)"
         else:
-            rows, times = choose_rows([getattr(self.layers[0], name) for name in PROJECTIONS],
-                                      self.dtype)
-            reason = (f"4-bit-code kernel up to {rows} rows (one layer, dense/kernel ms by "
-                      f"rows: {', '.join(f'{m}: {d:.2f}/{k:.2f}' for m, (d, k) in times.items())})")
+            rows, times = choose_rows(projections, self.dtype)
+            reason = (f"4-bit-code kernel up to {rows} rows (every layer, dense/kernel ms by "
+                      f"rows: {', '.join(f'{m}: {d:.1f}/{k:.1f}' for m, (d, k) in times.items())})")
         for p in projections:
             p.small_rows = rows
             if rows == 0:

@@ -235,6 +235,46 @@ def test_prebuilt_kernels_load_without_a_compiler_and_agree_with_torch(tmp_path,
     assert not list((tmp_path / "cache").rglob("*.so"))  # the failed build left nothing
 
 
+def test_every_portable_build_this_cpu_runs_decodes_nf4_codes_exactly(tmp_path, fresh_library):
+    """Each level's own code path (AVX2 has no 16-entry permute: two 8-entry ones there).
+
+    An AVX-512 machine runs the x86-64-v3 build too, so both decode paths are checked on it.
+    """
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    from serve.runtime.nf4_kernel import BLOCK, pack_nf4
+
+    if native.compiler() is None or _best_level() is None:
+        pytest.skip("no C compiler here, or no portable level for this CPU")
+    have = set(native.cpu_flags().split())
+    written = native.prebuild(tmp_path / "prebuilt")
+    fresh_library.setenv("CC", "false")
+    fresh_library.setenv("LORADOCK_CACHE", str(tmp_path / "cache"))
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randn(96, 256, generator=gen) * 0.02
+    quantised, state = bnb.quantize_4bit(raw, quant_type="nf4", blocksize=BLOCK)
+    weight = bnb.dequantize_4bit(quantised, state).reshape(96, 256).contiguous()
+    ran = []
+    for level, path in zip(native.PORTABLE[native._arch()], written, strict=True):
+        if not level.needs <= have:
+            continue
+        alone = tmp_path / level.level
+        alone.mkdir()
+        (alone / path.name).write_bytes(path.read_bytes())
+        fresh_library.setenv("LORADOCK_NATIVE_PREBUILT", str(alone))
+        native.library.cache_clear()
+        native.identity.cache_clear()
+        assert Path(native.library()._name).parent == alone
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            packed = pack_nf4(weight, dtype)
+            for m in (1, 3, 6):
+                x = torch.randn(m, 256, generator=gen).to(dtype)
+                expected = F.linear(x.float(), weight)
+                err = (packed(x).float() - expected).abs().max() / expected.abs().max()
+                assert err < tolerance, (level.level, dtype, m, float(err))
+        ran.append(level.level)
+    assert ran
+
+
 def test_an_empty_prebuilt_folder_without_a_compiler_gives_none(tmp_path, fresh_library,
                                                                 caplog):
     fresh_library.setenv("CC", "false")
