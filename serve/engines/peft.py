@@ -266,10 +266,17 @@ class PeftEngine:
         attention = opts.attention_kernel
         if attention == "auto":
             attention = base.dtype_choice.attention if base.dtype_choice is not None else "sdpa"
+        choice = base.dtype_choice
+        # What identifies the weights and their dense path: part of every start-up
+        # measurement's cache key (the nf4 rows here, the thread plan below).
+        weights_id = [str(Path(cfg.base.path).resolve()), base.dtype_name,
+                      str(base.compute_dtype), choice.kernel if choice else ""]
         runner = ModelRunner(base, max_running=cfg.max_running, max_adapters=cfg.max_adapters,
                              kv_initial_len=opts.kv_initial_len, lora_dtype=lora_dtype,
                              lora_kernel=kernel, attention_kernel=attention,
-                             nf4_kernel_rows=opts.nf4_kernel_rows)
+                             nf4_kernel_rows=opts.nf4_kernel_rows,
+                             model_id=weights_id,
+                             measurements=MeasurementCache(cache_root() / "nf4-rows"))
         missing = [name for name, asked, got in (
             ("lora_kernel", opts.lora_kernel, runner.lora.kernel),
             ("attention_kernel", opts.attention_kernel,
@@ -290,7 +297,6 @@ class PeftEngine:
                                 dtype=runner.lora.dtype, verify=opts.verify_adapters)
 
         warm_rank = min(WARM_RANK, cfg.max_lora_rank)
-        choice = base.dtype_choice
         host = cfg.max_adapters if opts.host_adapters < 0 else opts.host_adapters
         cache = AdapterCache(runner.lora, cfg.max_adapters, reader, step_lock,
                              host_capacity=host)
@@ -308,8 +314,7 @@ class PeftEngine:
             # of its own), then one warm-up with the plan's thread counts.
             runner.thread_plan = threads_choice.choose(
                 runner, self._threads,
-                [str(Path(cfg.base.path).resolve()), base.dtype_name, str(runner.dtype),
-                 choice.kernel if choice else "", str(runner.lora.dtype), runner.lora.kernel,
+                [*weights_id, str(runner.lora.dtype), runner.lora.kernel,
                  runner.attention is not None, native.identity()],
                 None if opts.single_thread_rows < 0 else opts.single_thread_rows,
                 MeasurementCache(cache_root() / "thread-plan"))

@@ -20,7 +20,9 @@ a machine where it does not pay keeps what it had. It times every layer, as a de
 them: one layer's weights stay in cache between repeats, which hides the bytes the kernel
 saves. Measured with torch and oneDNN held to AVX2 and the x86-64-v3 build (fp32 activations),
 one hot layer timed dense 0.27 ms against the kernel's 0.34 ms, and a pass over all 30
-layers at one row 28.4 ms dense against 13.2 ms from the codes.
+layers at one row 28.4 ms dense against 13.2 ms from the codes. `choose` caches that result
+like the thread plan (per CPU flags, torch, threads, kernels and model), so a restart on the
+same machine skips the ~0.8 s it takes.
 
 Where the job ends: packing, calling and timing the kernel; the projection that dispatches to
 it by row count is `serve.runtime.weights.Projection`.
@@ -28,17 +30,23 @@ it by row count is `serve.runtime.weights.Projection`.
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from hub.machine import MeasurementCache, cpu_flags
 
 if TYPE_CHECKING:
     import torch
 
     from serve.runtime.weights import Projection
 
+log = logging.getLogger("loradock.serve")
+
 BLOCK = 64  # bitsandbytes' 4-bit block size, which the kernel's layout assumes
 MAX_ROWS = 4  # the kernel decodes up to this many rows per pass over the codes
 MIN_SPEEDUP = 1.05  # the kernel must beat the dense path by this much at a row count
+CACHE_VERSION = 1
 
 
 def nf4_table() -> torch.Tensor | None:
@@ -171,3 +179,40 @@ def choose_rows(projections: list[Projection], dtype: torch.dtype, repeats: int 
     finally:
         torch.set_num_threads(threads)
     return chosen, times
+
+
+def choose(projections: list[Projection], dtype: torch.dtype, forced: int, model_id: Any,
+           cache: MeasurementCache) -> tuple[int, str]:
+    """The rows up to which ``projections`` use the kernel: forced, cached or timed now.
+
+    Args:
+        projections: Every layer's projections, each with ``small`` set (`pack_nf4`).
+        dtype: The compute dtype of the activations.
+        forced: That many rows, or -1: `choose_rows` (its result cached under ``model_id``).
+        model_id: What identifies the weights and the dense path (JSON-serialisable).
+        cache: Where results are cached.
+
+    Returns:
+        ``(rows, reason)``: the reason names the timings, logged and shown in ``/health``.
+    """
+    import torch
+
+    from serve.runtime.native import identity
+
+    if forced >= 0:
+        return forced, f"4-bit-code kernel up to {forced} rows (asked for)"
+    key = cache.key(CACHE_VERSION, cpu_flags(), torch.__version__, torch.get_num_threads(),
+                    str(dtype), identity(), model_id)
+    stored = cache.read(key)
+    try:
+        rows = int(stored["rows"])  # type: ignore[index]
+        times = {int(m): (float(d), float(k)) for m, (d, k) in stored["times"].items()}
+        cached = " (cached)"
+    except (TypeError, KeyError, ValueError):
+        rows, times = choose_rows(projections, dtype)
+        cached = ""
+        if not cache.write(key, {"rows": rows, "times": times}):
+            log.warning("could not cache the 4-bit-code kernel's row choice")
+    shown = ", ".join(f"{m}: {d:.1f}/{k:.1f}" for m, (d, k) in times.items())
+    return rows, (f"4-bit-code kernel up to {rows} rows (every layer, dense/kernel ms by "
+                  f"rows: {shown}){cached}")

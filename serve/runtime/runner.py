@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from hub.machine import MeasurementCache
 from serve.runtime.kv_cache import KVCache
 from serve.runtime.logits import refine_top
 from serve.runtime.lora import LoraBatch, LoraStack
@@ -61,7 +62,8 @@ class ModelRunner:
     def __init__(self, base: LoadedBase, *, max_running: int, max_adapters: int,
                  kv_initial_len: int = 256, lora_dtype: torch.dtype | None = None,
                  lora_kernel: str = "torch", attention_kernel: str = "sdpa",
-                 nf4_kernel_rows: int = -1) -> None:
+                 nf4_kernel_rows: int = -1, model_id: Any = None,
+                 measurements: MeasurementCache | None = None) -> None:
         """Fuse the weights, build RoPE tables, the KV cache and an empty LoRA stack.
 
         Args:
@@ -75,6 +77,8 @@ class ModelRunner:
                 (`serve.runtime.native.DecodeAttention`; SDPA where it cannot be loaded).
             nf4_kernel_rows: An nf4-dense base on CPU runs passes of up to this many rows by
                 its 4-bit codes (`serve.runtime.nf4_kernel`); 0: never; -1: measured.
+            model_id: What identifies the weights and their dense path (keys the measurement).
+            measurements: Where that measurement is cached (None: not cached).
         """
         import torch
 
@@ -112,7 +116,8 @@ class ModelRunner:
                       self.lm_head]:
                 p.pack()  # False (kept on F.linear) where this torch build has no oneDNN
         # Small passes of an nf4-dense base by its 4-bit codes (serve.runtime.nf4_kernel).
-        self.nf4_reason = self._choose_nf4_rows(nf4_kernel_rows)
+        self.nf4_reason = self._choose_nf4_rows(nf4_kernel_rows, model_id,
+                                                measurements or MeasurementCache(None))
         softcap_attr = self.spec.final_softcap_attr
         self.final_softcap = getattr(model.config, softcap_attr, None) if softcap_attr else None
         self.cache = KVCache(
@@ -181,26 +186,23 @@ class ModelRunner:
             sin_p = torch.cat([sin_p, torch.zeros(sin_p.shape[0], pad)], dim=1)
         return cos_p.to(self.dtype).contiguous(), sin_p.to(self.dtype).contiguous()
 
-    def _choose_nf4_rows(self, forced: int) -> str:
+    def _choose_nf4_rows(self, forced: int, model_id: Any, cache: MeasurementCache) -> str:
         """Set the rows up to which passes use the 4-bit-code kernel; say why ("": not used).
 
         Args:
             forced: That many rows (0: never), or -1: time the kernel against the dense
                 projections of every layer and use it up to the rows where it is faster.
+            model_id: What identifies the weights (keys the cached timing).
+            cache: Where the timing is cached.
         """
         projections = [getattr(layer, name) for layer in self.layers for name in PROJECTIONS]
         if not projections or any(p.small is None for p in projections):
             for p in projections:
                 p.small = None
             return ""
-        from serve.runtime.nf4_kernel import choose_rows
+        from serve.runtime.nf4_kernel import choose
 
-        if forced >= 0:
-            rows, reason = forced, f"4-bit-code kernel up to {forced} rows (asked for)"
-        else:
-            rows, times = choose_rows(projections, self.dtype)
-            reason = (f"4-bit-code kernel up to {rows} rows (every layer, dense/kernel ms by "
-                      f"rows: {', '.join(f'{m}: {d:.1f}/{k:.1f}' for m, (d, k) in times.items())})")
+        rows, reason = choose(projections, self.dtype, forced, model_id, cache)
         for p in projections:
             p.small_rows = rows
             if rows == 0:

@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hub.machine import MeasurementCache
+from serve.runtime import nf4_kernel
 from serve.runtime.nf4_kernel import BLOCK, choose_rows, pack_nf4
 from serve.runtime.weights import Projection
 
@@ -85,3 +87,26 @@ def test_projection_dispatches_by_rows_and_choose_rows_reports_its_timings():
     projection.small = kernel
     rows, times = choose_rows([projection], torch.float32, repeats=1)
     assert 0 <= rows <= 4 and set(times) and all(d > 0 and k > 0 for d, k in times.values())
+
+
+def test_the_row_choice_is_cached_per_model_and_a_forced_count_is_not_timed(monkeypatch,
+                                                                           tmp_path):
+    """A second start on the machine reads the timing; another model or dtype is timed anew."""
+    calls = []
+
+    def fake(projections, dtype, repeats=2):
+        calls.append(dtype)
+        return 3, {1: (20.0, 7.0), 2: (21.0, 8.0), 3: (22.0, 9.0), 4: (23.0, 24.0)}
+
+    monkeypatch.setattr(nf4_kernel, "choose_rows", fake)
+    cache = MeasurementCache(tmp_path)
+    first = nf4_kernel.choose([], torch.bfloat16, -1, ["model", "nf4-dense"], cache)
+    again = nf4_kernel.choose([], torch.bfloat16, -1, ["model", "nf4-dense"], cache)
+    assert first[0] == again[0] == 3 and calls == [torch.bfloat16]
+    assert "(cached)" in again[1] and "3: 22.0/9.0" in again[1] and "(cached)" not in first[1]
+    nf4_kernel.choose([], torch.float32, -1, ["model", "nf4-dense"], cache)
+    nf4_kernel.choose([], torch.bfloat16, -1, ["other", "nf4-dense"], cache)
+    assert len(calls) == 3, "another dtype or model is timed again"
+    assert nf4_kernel.choose([], torch.bfloat16, 2, ["model", "nf4-dense"], cache) == (
+        2, "4-bit-code kernel up to 2 rows (asked for)")
+    assert len(calls) == 3
