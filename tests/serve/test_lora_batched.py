@@ -83,17 +83,21 @@ def test_batched_delta_matches_per_row_reference(label, ranks, row_adapters, evi
 # Wide enough for the kernel's full 64-column expand blocks and 16-column shrink chunks, with
 # tails on both (parts * rank = 48 + 0, 24 + 8; sizes 136 = 2 * 64 + 8).
 WIDE = {"qkv": (72, [136, 64, 64]), "down": (200, [136])}
+# Rows' adapters (-1: base): blocks of 4 and 2 rows; a lone row (the one-row block) beside
+# full blocks; a single stream.
+WIDE_ROWS = ([0, 1, 2, 0, -1, 0, 0, 0, 0, 2, 1], [2, 0, -1, 0, 1, 0, 0, 2], [1])
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("row_adapters", [
-    [0, 1, 2, 0, -1, 0, 0, 0, 0, 2, 1],  # blocks of 4 and 2 rows
-    [2, 0, -1, 0, 1, 0, 0, 2],  # a lone row (the one-row block) beside full blocks
-    [1],  # a single stream
-], ids=["blocks", "lone-row", "single"])
+@pytest.mark.parametrize("row_adapters", WIDE_ROWS, ids=["blocks", "lone-row", "single"])
 def test_native_kernel_matches_reference_on_wide_shapes_in_both_dtypes(dtype, tol,
                                                                        row_adapters):
     _kernel("native")
+    check_wide_native(dtype, tol, row_adapters)
+
+
+def check_wide_native(dtype: torch.dtype, tol: float, row_adapters: list[int]) -> None:
+    """The loaded native kernel on `WIDE` shapes against `reference_delta` (rows' adapters)."""
     ranks = [16, 8, 16]
     adapters = [_adapter(30 + i, r, tuple(WIDE), layers=1, shapes=WIDE)
                 for i, r in enumerate(ranks)]

@@ -1,7 +1,8 @@
 """The native decode-attention and RMSNorm kernels against torch (table-driven, no model).
 
-The LoRA kernel is checked in `tests/serve/test_lora_batched.py`; both kernels serve every
-family token-exact in `tests/serve/test_families.py`.
+The LoRA kernel is checked in `tests/serve/test_lora_batched.py` (and here on every portable
+build this CPU runs); both kernels serve every family token-exact in
+`tests/serve/test_families.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from serve.runtime import native
 from serve.runtime.native import DecodeAttention, RmsNorm, Rope, SiluMul
+from tests.serve.test_lora_batched import WIDE_ROWS, check_wide_native
 
 # (label, rows, kv_heads, groups, head_dim, cached length, window, softcap)
 CASES = [
@@ -235,10 +237,12 @@ def test_prebuilt_kernels_load_without_a_compiler_and_agree_with_torch(tmp_path,
     assert not list((tmp_path / "cache").rglob("*.so"))  # the failed build left nothing
 
 
-def test_every_portable_build_this_cpu_runs_decodes_nf4_codes_exactly(tmp_path, fresh_library):
-    """Each level's own code path (AVX2 has no 16-entry permute: two 8-entry ones there).
+def test_every_portable_build_this_cpu_runs_agrees_with_torch(tmp_path, fresh_library):
+    """Each level's own code paths: nf4 codes, decode attention and the LoRA kernel.
 
-    An AVX-512 machine runs the x86-64-v3 build too, so both decode paths are checked on it.
+    AVX2 has no 16-entry permute (two 8-entry ones there) and its LoRA and attention kernels
+    work in 8-lane vectors; an AVX-512 machine runs the x86-64-v3 build too, so both are
+    checked on it.
     """
     bnb = pytest.importorskip("bitsandbytes.functional")
     from serve.runtime.nf4_kernel import BLOCK, pack_nf4
@@ -271,6 +275,11 @@ def test_every_portable_build_this_cpu_runs_decodes_nf4_codes_exactly(tmp_path, 
                 expected = F.linear(x.float(), weight)
                 err = (packed(x).float() - expected).abs().max() / expected.abs().max()
                 assert err < tolerance, (level.level, dtype, m, float(err))
+            for case in CASES:
+                _check_decode_attention(*case, dtype)
+            for row_adapters in WIDE_ROWS:
+                check_wide_native(dtype, 1e-5 if dtype == torch.float32 else 2e-2,
+                                  row_adapters)
         ran.append(level.level)
     assert ran
 
