@@ -83,7 +83,7 @@ class PeftOptions:
             (-1): measured at start on CPU (on a 2-core AVX512-BF16 machine one thread ran a
             batch-1 decode step in 15.5 ms, two threads in 24.2 ms).
         nf4_kernel_rows: An ``nf4-dense`` base on CPU runs passes of at most this many rows
-            (up to 4) by its 4-bit codes (`serve.runtime.nf4_kernel`), 0: never. Default (-1):
+            (up to 32) by its 4-bit codes (`serve.runtime.nf4_kernel`), 0: never. Default (-1):
             measured at start (on a 2-core AVX512-BF16 machine it took single-stream decoding
             from 29.1 to 39.9 tok/s).
     """

@@ -1,8 +1,8 @@
 /* loradock's C kernels: what torch runs as many tiny ops, done in one call.
  *
  * Compiled once per machine by serve/runtime/native.py (-O3 -march=native) and called through
- * ctypes. GCC vector extensions keep it portable: a 16-lane float vector is one AVX-512
- * register, two AVX2 ones, four NEON ones.
+ * ctypes. GCC vector extensions keep it portable; the hot loops work in vectors of one
+ * register (VW lanes: 16 on AVX-512, 8 on AVX2; NEON keeps 16-lane ones, four registers).
  *
  * sgmv_<dtype>: the multi-LoRA delta of one fused projection for the rows of one rank's pool
  * (serve/runtime/lora.py), Punica's SGMV as one loop nest. Rows come grouped by adapter
@@ -554,24 +554,34 @@ struct nf4_job {
     int64_t n;
 };
 
+/* One block's 64 weights in element order, 64 / VW vectors (before the block's scale). */
+#define NF4_NW (64 / VW)
+#if VW == 8
+/* AVX2 has no 16-entry permute: two 8-entry vpermps on the table's halves (they read the low
+ * three bits of the code), and bit 3 picks the half. Eight codes are widened once and give
+ * eight low-nibble weights (elements t..) and eight high-nibble ones (elements 32 + t..). In
+ * 16-lane vectors GCC turned the table lookup into scalar code here, then spilled the
+ * accumulators (measured at one SmolLM2 layer, one row: 0.69 ms, then 0.34 ms with the
+ * permutes alone; dense fp32 0.27 ms). */
+static inline void nf4_block(const vf *table, const uint8_t *c, vf *w) {
+    __m256 t0, t1;
+    memcpy(&t0, &table[0], 32);
+    memcpy(&t1, &table[1], 32);
+    for (int g = 0; g < 4; g++) {
+        __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + 8 * g)));
+        __m256i idx[2] = {_mm256_and_si256(bytes, _mm256_set1_epi32(15)),
+                          _mm256_srli_epi32(bytes, 4)};
+        for (int h = 0; h < 2; h++) {
+            __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx[h]),
+                                        _mm256_permutevar8x32_ps(t1, idx[h]),
+                                        _mm256_castsi256_ps(_mm256_slli_epi32(idx[h], 28)));
+            memcpy(&w[4 * h + g], &v, 32);
+        }
+    }
+}
+#else
 static inline v16f nf4_decode(v16f table, v16b bytes) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-    /* AVX2 has no 16-entry permute, and GCC turns the generic shuffle below into scalar code
-     * there (measured: 0.69 ms per SmolLM2 layer at one row, 2.5x dense fp32's 0.27 ms).
-     * Instead: two 8-entry vpermps (low three bits of the code), bit 3 picks the half. */
-    __m256 half[2], out[2];
-    memcpy(half, &table, 64);
-    __m128i b;
-    memcpy(&b, &bytes, 16);
-    __m256i idx[2] = {_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(b, b))};
-    for (int h = 0; h < 2; h++)
-        out[h] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(half[0], idx[h]),
-                                  _mm256_permutevar8x32_ps(half[1], idx[h]),
-                                  _mm256_castsi256_ps(_mm256_slli_epi32(idx[h], 28)));
-    v16f w;
-    memcpy(&w, out, 64);
-    return w;
-#elif defined(__GNUC__) && !defined(__clang__)
+#if defined(__GNUC__) && !defined(__clang__)
     v16i idx = __builtin_convertvector(bytes, v16i);
     return __builtin_shuffle(table, idx);  /* one vpermps on AVX-512 */
 #else
@@ -581,28 +591,36 @@ static inline v16f nf4_decode(v16f table, v16b bytes) {
 #endif
 }
 
+static inline void nf4_block(const vf *table, const uint8_t *c, vf *w) {
+    v16b raw[2];
+    memcpy(raw, c, 32);
+    w[0] = nf4_decode(table[0], raw[0] & 15);
+    w[1] = nf4_decode(table[0], raw[1] & 15);
+    w[2] = nf4_decode(table[0], raw[0] >> 4);
+    w[3] = nf4_decode(table[0], raw[1] >> 4);
+}
+#endif
+
 #define DEFINE_NF4_ROWS(M)                                                                     \
     static void nf4_rows_##M(const struct nf4_job *jb, int64_t lo, int64_t hi) {               \
-        v16f table;                                                                            \
-        memcpy(&table, jb->table, 64);                                                         \
+        vf table[16 / VW];                                                                     \
+        memcpy(table, jb->table, 64);                                                          \
         int k = jb->k, blocks = k / 64;                                                        \
         for (int64_t j = lo; j < hi; j++) {                                                    \
             const uint8_t *c = jb->codes + j * (int64_t)(k / 2);                               \
             const float *s = jb->scales + j * (int64_t)blocks;                                 \
-            v16f acc[M] = {0};                                                                 \
+            vf acc[M] = {0};                                                                   \
             for (int b = 0; b < blocks; b++) {                                                 \
-                v16b raw[2];                                                                   \
-                memcpy(raw, c + 32 * b, 32);                                                   \
-                v16f w[4] = {nf4_decode(table, raw[0] & 15), nf4_decode(table, raw[1] & 15),   \
-                             nf4_decode(table, raw[0] >> 4), nf4_decode(table, raw[1] >> 4)};  \
+                vf w[NF4_NW];                                                                  \
+                nf4_block(table, c + 32 * b, w);                                               \
                 for (int i = 0; i < M; i++) {                                                  \
                     const float *xi = jb->x + (int64_t)i * k + 64 * b;                         \
-                    v16f part = w[0] * load16_f32(xi) + w[1] * load16_f32(xi + 16)             \
-                                + w[2] * load16_f32(xi + 32) + w[3] * load16_f32(xi + 48);     \
+                    vf part = w[0] * loadv_f32(xi);                                            \
+                    for (int q = 1; q < NF4_NW; q++) part += w[q] * loadv_f32(xi + VW * q);    \
                     acc[i] += s[b] * part;                                                     \
                 }                                                                              \
             }                                                                                  \
-            for (int i = 0; i < M; i++) jb->y[(int64_t)i * jb->n + j] = hsum16(acc[i]);        \
+            for (int i = 0; i < M; i++) jb->y[(int64_t)i * jb->n + j] = hsumv(acc[i]);         \
         }                                                                                      \
     }
 DEFINE_NF4_ROWS(1)

@@ -15,14 +15,15 @@ the same values.
 
 `pack_nf4` recovers the codes from a dense weight and returns None unless the weight is exactly
 such values (any other base keeps its dense path). `choose_rows` times the kernel against the
-dense projections at 1..4 rows and returns the most rows at which it is faster (0: never), so
-a machine where it does not pay keeps what it had. It times every layer, as a decode step reads
-them: one layer's weights stay in cache between repeats, which hides the bytes the kernel
-saves. Measured with torch and oneDNN held to AVX2 and the x86-64-v3 build (fp32 activations),
-one hot layer timed dense 0.27 ms against the kernel's 0.34 ms, and a pass over all 30
-layers at one row 28.4 ms dense against 13.2 ms from the codes. `choose` caches that result
-like the thread plan (per CPU flags, torch, threads, kernels and model), so a restart on the
-same machine skips the ~0.8 s it takes.
+dense projections at `ROW_COUNTS` rows and returns the most rows at which it is faster (0:
+never), so a machine where it does not pay keeps what it had. It times every layer, as a
+decode step reads them: one layer's weights stay in cache between repeats, which hides the
+bytes the kernel saves. Measured with torch and oneDNN held to AVX2 and the x86-64-v3 build
+(fp32 activations), one hot layer timed dense 0.27 ms against the kernel's 0.34 ms, and a pass
+over all 30 layers at one row 28.4 ms dense against 13.2 ms from the codes (9.2 ms since the
+AVX2 path decodes into 8-lane vectors). `choose` caches that result like the thread plan (per
+CPU flags, torch, threads, kernels and model), so a restart on the same machine skips the
+second or so it takes.
 
 Where the job ends: packing, calling and timing the kernel; the projection that dispatches to
 it by row count is `serve.runtime.weights.Projection`.
@@ -44,9 +45,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("loradock.serve")
 
 BLOCK = 64  # bitsandbytes' 4-bit block size, which the kernel's layout assumes
-MAX_ROWS = 4  # the kernel decodes up to this many rows per pass over the codes
+# Row counts timed at start, in order. The kernel decodes up to 4 rows per pass over the codes
+# (`native.c`'s NF4_MAXM) and more as several passes; on AMX bf16 it stopped paying at 4 rows,
+# with torch and oneDNN held to AVX2 (fp32, all layers) it still won at 16: 45.6 against
+# 50.2 ms dense, and lost at 32 (81.0 against 58.3 ms).
+ROW_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+MAX_ROWS = ROW_COUNTS[-1]
 MIN_SPEEDUP = 1.05  # the kernel must beat the dense path by this much at a row count
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def nf4_table() -> torch.Tensor | None:
@@ -134,7 +140,7 @@ def _best_ms(fn, repeats: int) -> float:
 
 def choose_rows(projections: list[Projection], dtype: torch.dtype, repeats: int = 2,
                 ) -> tuple[int, dict[int, tuple[float, float]]]:
-    """The most rows (up to `MAX_ROWS`) at which the kernel beats the dense projections.
+    """The most rows (of `ROW_COUNTS`) at which the kernel beats the dense projections.
 
     Small passes may later run on one thread or on all (`serve.runtime.threads_choice` decides
     that after this, with the kernel in place), so a row count counts only where the kernel is
@@ -147,7 +153,8 @@ def choose_rows(projections: list[Projection], dtype: torch.dtype, repeats: int 
 
     Returns:
         ``(rows, {rows: (dense_ms, kernel_ms)})`` with the times on all threads; rows is 0 when
-        it is not faster at one row. A row count counts only if every smaller one did.
+        it is not faster at one row. A row count counts only if every smaller one timed did
+        (the counts between two that did are taken too).
     """
     import torch
 
@@ -156,7 +163,7 @@ def choose_rows(projections: list[Projection], dtype: torch.dtype, repeats: int 
     chosen = 0
     try:
         with torch.inference_mode():
-            for m in range(1, MAX_ROWS + 1):
+            for m in ROW_COUNTS:
                 inputs = [torch.randn(m, p.small.k, dtype=dtype) for p in projections]
 
                 def dense(inputs=inputs):
