@@ -256,17 +256,17 @@ class PeftEngine:
         torch.set_num_threads(self._threads)
         base = load_base(cfg.base, cfg.base_dtype, cfg.device, cfg.max_model_len,
                          compute=opts.compute_dtype)
+        choice = base.dtype_choice
         lora = opts.lora_dtype
         if lora == "auto":  # measured with the compute dtype (serve.runtime.dtype_choice)
-            lora = base.dtype_choice.lora if base.dtype_choice is not None else "compute"
+            lora = choice.lora if choice is not None else "compute"
         lora_dtype = {"compute": None, "fp32": torch.float32}[lora]
         kernel = opts.lora_kernel
         if kernel == "auto":  # measured on CPU (serve.runtime.dtype_choice)
-            kernel = base.dtype_choice.lora_kernel if base.dtype_choice is not None else "torch"
+            kernel = choice.lora_kernel if choice is not None else "torch"
         attention = opts.attention_kernel
         if attention == "auto":
-            attention = base.dtype_choice.attention if base.dtype_choice is not None else "sdpa"
-        choice = base.dtype_choice
+            attention = choice.attention if choice is not None else "sdpa"
         # What identifies the weights and their dense path: part of every start-up
         # measurement's cache key (the nf4 rows here, the thread plan below).
         weights_id = [str(Path(cfg.base.path).resolve()), base.dtype_name,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from hub.machine import MeasurementCache, cpu_flags
@@ -188,6 +189,20 @@ def choose_rows(projections: list[Projection], dtype: torch.dtype, repeats: int 
     return chosen, times
 
 
+@dataclass
+class RowChoice:
+    """A timed row choice as cached (`choose`).
+
+    Attributes:
+        rows: The most rows passes run by the kernel (0: never).
+        times: ``{rows: [dense ms, kernel ms]}`` as `choose_rows` timed them.
+    """
+
+    rows: int
+    times: dict[str, list[float]]
+    cached: bool = False
+
+
 def choose(projections: list[Projection], dtype: torch.dtype, forced: int, model_id: Any,
            cache: MeasurementCache) -> tuple[int, str]:
     """The rows up to which ``projections`` use the kernel: forced, cached or timed now.
@@ -210,16 +225,12 @@ def choose(projections: list[Projection], dtype: torch.dtype, forced: int, model
         return forced, f"4-bit-code kernel up to {forced} rows (asked for)"
     key = cache.key(CACHE_VERSION, cpu_flags(), torch.__version__, torch.get_num_threads(),
                     str(dtype), identity(), model_id)
-    stored = cache.read(key)
-    try:
-        rows = int(stored["rows"])  # type: ignore[index]
-        times = {int(m): (float(d), float(k)) for m, (d, k) in stored["times"].items()}
-        cached = " (cached)"
-    except (TypeError, KeyError, ValueError):
+    choice = cache.read_as(key, RowChoice)
+    if choice is None:
         rows, times = choose_rows(projections, dtype)
-        cached = ""
-        if not cache.write(key, {"rows": rows, "times": times}):
+        choice = RowChoice(rows, {str(m): list(pair) for m, pair in times.items()})
+        if not cache.write(key, asdict(choice)):
             log.warning("could not cache the 4-bit-code kernel's row choice")
-    shown = ", ".join(f"{m}: {d:.1f}/{k:.1f}" for m, (d, k) in times.items())
-    return rows, (f"4-bit-code kernel up to {rows} rows (every layer, dense/kernel ms by "
-                  f"rows: {shown}){cached}")
+    shown = ", ".join(f"{m}: {d:.1f}/{k:.1f}" for m, (d, k) in choice.times.items())
+    return choice.rows, (f"4-bit-code kernel up to {choice.rows} rows (every layer, "
+                         f"dense/kernel ms by rows: {shown}){' (cached)' if choice.cached else ''}")
