@@ -13,6 +13,15 @@ memory for the ``host_capacity`` most recently evicted ones, so reloading it is 
 MB under the step lock instead of reading, checking and converting its files again (the files
 were verified on the first load; a version never changes, see `hub.store`).
 
+Superseded versions go first. Once a request for (or a load of) ``NAME@V`` arrives, older
+versions of ``NAME`` are *superseded*: requests for ``NAME`` resolve to the newest version, so
+an older one is rarely asked for again. Host copies of superseded versions are dropped at once,
+a superseded version leaves no host copy when it is evicted, and it is the first victim both for
+a new load (`AdapterCache._make_room`) and for the scheduler's drain (`AdapterCache.pick_victim`:
+draining it strands no one). Asked for explicitly, a superseded version still loads, from its
+files. (Under ``bench/serve_load.py``, one new version a second, LRU alone filled the host tier
+with versions nobody asked for again; see docs/architecture.md.)
+
 Locks: ``lock`` (this cache's state) is always taken after ``step_lock`` (the scheduler's
 forward pass), so installing weights never races a forward pass that reads the stack. The
 step lock is handed over, not fought for: the scheduler takes it again right after releasing
@@ -118,6 +127,7 @@ class AdapterCache:
         # Read but not installed (every slot was taken meanwhile): kept for the retry.
         self._unplaced: OrderedDict[str, AdapterWeights] = OrderedDict()
         self.host_hits = 0
+        self._newest: dict[str, int] = {}  # adapter name -> the newest version a load started
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
         # Keys that waiting requests need: not evicted, so a fresh load is not thrown out before
         # its requests are admitted (replaced as a whole by the scheduler each step).
@@ -163,10 +173,24 @@ class AdapterCache:
         return entry.pins == 0 and (entry.key not in self.protected
                                     or entry.key in self.draining)
 
+    def _superseded(self, entry: Resident) -> bool:
+        record = entry.record
+        return record.version < self._newest.get(record.name, record.version)
+
+    def _by_preference(self) -> list[Resident]:
+        """Resident adapters in eviction order: superseded versions, then least recently used."""
+        entries = list(self._resident.values())  # least recently used first
+        return [e for e in entries if self._superseded(e)] + [
+            e for e in entries if not self._superseded(e)]
+
     def pick_victim(self, eligible: Callable[[str], bool]) -> str | None:
-        """The least recently used resident adapter that ``eligible`` accepts (or None)."""
+        """The resident adapter to drain that ``eligible`` accepts (or None).
+
+        A superseded version first (no new request pins it, so its slot frees soonest and no
+        one waits for it), else the least recently used.
+        """
         with self.lock:
-            return next((key for key in self._resident if eligible(key)), None)
+            return next((e.key for e in self._by_preference() if eligible(e.key)), None)
 
     # -- pins -------------------------------------------------------------------------------
 
@@ -204,11 +228,29 @@ class AdapterCache:
                 done: Future[Resident] = Future()
                 done.set_result(entry)
                 return done
+            self._note_version(record)
             future = self._loading.get(key)
             if future is None:
                 future = self._executor.submit(self._load, record)
                 self._loading[key] = future
             return future
+
+    def note_version(self, record: AdapterRecord) -> None:
+        """Remember the newest version of ``record.name``; drop host copies it supersedes.
+
+        Called by `start_load` and by the scheduler for each request it is given, so a version
+        is known superseded as soon as a request asks for a newer one (before that one loads).
+        """
+        with self.lock:
+            self._note_version(record)
+
+    def _note_version(self, record: AdapterRecord) -> None:
+        if record.version <= self._newest.get(record.name, record.version - 1):
+            return
+        self._newest[record.name] = record.version
+        newest = adapter_key(record)
+        for key in [k for k in self._host if k != newest and k.rpartition("@")[0] == record.name]:
+            del self._host[key]  # every other version of the name is older (`adapter_key`)
 
     def _load(self, record: AdapterRecord) -> Resident:
         key = adapter_key(record)
@@ -278,7 +320,7 @@ class AdapterCache:
     def _make_room(self, key: str) -> None:
         if len(self._resident) < self.capacity:
             return
-        for victim in self._resident.values():  # least recently used first
+        for victim in self._by_preference():
             if self._evictable(victim):
                 self._evict(victim)
                 return
@@ -289,7 +331,7 @@ class AdapterCache:
         )
 
     def _evict(self, entry: Resident, keep_host: bool = True) -> None:
-        if keep_host and self.host_capacity > 0:
+        if keep_host and self.host_capacity > 0 and not self._superseded(entry):
             self._host[entry.key] = self.stack.snapshot(entry.slot)
             while len(self._host) > self.host_capacity:
                 self._host.popitem(last=False)

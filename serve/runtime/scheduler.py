@@ -13,8 +13,9 @@ Each loop iteration (a *step*):
    their tokens), up to ``prefill_chunk`` prompt tokens per step; a longer prompt is prefilled
    in chunks over several steps (at most one such sequence, kept in the last row). A completed
    prefill yields the first token, streamed at once.
-4. **Decode**: one forward pass over rows ``0..d-1`` (all fully prefilled sequences), each row
-   with its own position and LoRA slot; one token sampled per row and pushed to its stream.
+4. **Decode**: rows ``0..d-1`` (all fully prefilled sequences), each with its own position and
+   LoRA slot, go through the *same* forward pass as step 3's prompt chunks (`Scheduler._forward`);
+   one token is sampled per row and pushed to its stream.
 
 Stopping: a sampled token in ``stop_token_ids`` ends the sequence with ``finish_reason="stop"``
 and is *not* included in ``token_ids``; ``max_tokens`` or the context cap end it with
@@ -185,6 +186,8 @@ class Scheduler:
             seq.sampler = new_row(request.params, request.prompt_ids)
             self.waiting.append(seq)
             self.by_id[request.request_id] = seq
+        if request.adapter is not None:
+            self.cache.note_version(request.adapter)  # older versions of its name: evicted first
         self.wake.set()
 
     def retry_after_s(self) -> float:

@@ -128,3 +128,36 @@ def test_a_waiting_load_installs_between_steps():
         assert time.monotonic() - started < 5
     finally:
         cache.close()
+
+
+def test_a_superseded_version_is_evicted_first_and_leaves_no_host_copy():
+    cache, reads = make_cache(capacity=2, host=4)
+    try:
+        cache.start_load(Record("a", 1)).result()
+        cache.start_load(Record("b", 1)).result()  # a@1 is now the least recently used
+        cache.note_version(Record("b", 2))  # a request asks for b's newer version
+        cache.start_load(Record("b", 2)).result()
+        assert cache.keys() == ["a@1", "b@2"]  # b@1 went, though a@1 was older
+        assert list(cache._host) == []  # and kept no host copy: nobody asks for it again
+        cache.start_load(Record("c", 1)).result()  # a plain LRU eviction keeps a copy
+        assert list(cache._host) == ["a@1"]
+        assert cache.pick_victim(lambda key: True) == "b@2"  # LRU when nothing is superseded
+        cache.note_version(Record("c", 2))
+        assert cache.pick_victim(lambda key: True) == "c@1"  # superseded first
+        cache.start_load(Record("b", 1)).result()  # asked for explicitly: still loads
+        assert reads == ["a", "b", "b", "c", "b"]
+    finally:
+        cache.close()
+
+
+def test_a_newer_version_drops_the_host_copies_of_older_ones():
+    cache, reads = make_cache(capacity=1, host=4)
+    try:
+        cache.start_load(Record("a", 1)).result()
+        cache.start_load(Record("b", 1)).result()  # a@1 goes to host memory
+        cache.note_version(Record("a", 1))  # an older or equal version changes nothing
+        assert list(cache._host) == ["a@1"]
+        cache.note_version(Record("a", 2))
+        assert list(cache._host) == []
+    finally:
+        cache.close()

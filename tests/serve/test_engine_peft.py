@@ -178,7 +178,9 @@ def test_new_version_registered_while_streaming(engine, store, adapter_factory, 
     assert tokens != old[0], "the new version must give its own output"
     assert chunks[0].adapter_load_s > 0
     resident = engine.health().resident_adapters
-    assert "bot@2" in resident and "bot@1" in resident
+    # bot@1 served its streams to the end; superseded, it is the first to go when a slot is
+    # needed (the module's engine holds earlier tests' adapters), so it may be resident or not.
+    assert "bot@2" in resident
     assert v1.version == 1
 
 
