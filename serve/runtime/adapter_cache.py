@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hub.errors import Conflict
+from hub.names import parse_adapter_ref
 from serve.engine import adapter_key
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class AdapterCache:
         # Read but not installed (every slot was taken meanwhile): kept for the retry.
         self._unplaced: OrderedDict[str, AdapterWeights] = OrderedDict()
         self.host_hits = 0
-        self._newest: dict[str, int] = {}  # adapter name -> the newest version a load started
+        self._newest: dict[str, int] = {}  # adapter name -> newest version asked for or loaded
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
         # Keys that waiting requests need: not evicted, so a fresh load is not thrown out before
         # its requests are admitted (replaced as a whole by the scheduler each step).
@@ -179,9 +180,7 @@ class AdapterCache:
 
     def _by_preference(self) -> list[Resident]:
         """Resident adapters in eviction order: superseded versions, then least recently used."""
-        entries = list(self._resident.values())  # least recently used first
-        return [e for e in entries if self._superseded(e)] + [
-            e for e in entries if not self._superseded(e)]
+        return sorted(self._resident.values(), key=lambda e: not self._superseded(e))  # stable
 
     def pick_victim(self, eligible: Callable[[str], bool]) -> str | None:
         """The resident adapter to drain that ``eligible`` accepts (or None).
@@ -245,12 +244,13 @@ class AdapterCache:
             self._note_version(record)
 
     def _note_version(self, record: AdapterRecord) -> None:
-        if record.version <= self._newest.get(record.name, record.version - 1):
+        newest = self._newest.get(record.name)
+        if newest is not None and record.version <= newest:
             return
         self._newest[record.name] = record.version
-        newest = adapter_key(record)
-        for key in [k for k in self._host if k != newest and k.rpartition("@")[0] == record.name]:
-            del self._host[key]  # every other version of the name is older (`adapter_key`)
+        own = adapter_key(record)
+        for key in [k for k in self._host if k != own and parse_adapter_ref(k)[0] == record.name]:
+            del self._host[key]  # every other version of the name is older
 
     def _load(self, record: AdapterRecord) -> Resident:
         key = adapter_key(record)
